@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv, install evspec with pinned ranges, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+# torch: keep a CUDA build that is already importable; otherwise take the CPU wheel
+# that lies on local disk here (pip resolves torch==2.13.0 to it) instead of a
+# multi-GB CUDA download.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+	@echo "Results under results/demo/, reports under reports/demo/."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf results reports/*/ .snakemake

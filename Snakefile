@@ -1,0 +1,25 @@
+# evspec: EventGPT drafts, Video-LLaVA verifies. This file is the table of contents;
+# every rule lives in workflow/rules/ and calls one `python -m evspec <command>`.
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+PROJECT = Path(workflow.basedir)
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        rules.build_tensors.output,
+    default_target: True

@@ -1,0 +1,1 @@
+"""The data stage: recordings -> clips -> manifest.parquet + tensors.h5."""
