@@ -13,6 +13,7 @@ The same settings and seed give byte-identical event files and frames.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from concurrent.futures import ProcessPoolExecutor
@@ -61,13 +62,8 @@ class WorldSettings:
         return [f"seq-{index:03d}" for index in range(self.n_sequences)]
 
     def sensor(self) -> SensorParams:
-        return SensorParams(
-            pos_thres=self.pos_thres,
-            neg_thres=self.neg_thres,
-            sigma_thres=self.sigma_thres,
-            refractory_period_s=self.refractory_period_s,
-            shot_noise_rate_hz=self.shot_noise_rate_hz,
-        )
+        """The event-sensor fields, which this flat settings object repeats by name."""
+        return SensorParams(**{field.name: getattr(self, field.name) for field in dataclasses.fields(SensorParams)})
 
 
 def generate_world(out_dir: str | Path, settings: WorldSettings, workers: int = 1) -> None:
