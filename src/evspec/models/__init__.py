@@ -1,0 +1,1 @@
+"""The two models behind one stage API. Only this package imports transformers."""
