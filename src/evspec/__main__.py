@@ -10,6 +10,7 @@ group, exactly what the Snakefile passes), so any stage can be rerun by hand:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _build_tensors(args: argparse.Namespace) -> None:
 
     dataset = from_mapping(DatasetSettings, args.dataset, "--dataset")
     if args.root:
-        dataset = from_mapping(DatasetSettings, {**_fields(dataset), "root": str(args.root)}, "--root")
+        dataset = dataclasses.replace(dataset, root=str(args.root))
     build_tensors(
         dataset,
         from_mapping(WindowSettings, args.windows, "--windows"),
@@ -41,12 +42,6 @@ def _build_tensors(args: argparse.Namespace) -> None:
         tensors_path=args.out_dir / "tensors.h5",
         skipped_path=args.out_dir / "skipped.parquet",
     )
-
-
-def _fields(settings) -> dict:
-    import dataclasses
-
-    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
 
 
 def build_parser() -> argparse.ArgumentParser:

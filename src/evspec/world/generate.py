@@ -13,7 +13,6 @@ The same settings and seed give byte-identical event files and frames.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +38,9 @@ T_OFFSET_US = 1_000_000  # image clock of the first frame; exercises the reader'
 
 
 @dataclass(frozen=True)
-class WorldSettings:
+class WorldSettings(SensorParams):
+    """The world's settings; the event-sensor ones (pos_thres, ...) come from `SensorParams`."""
+
     seed: int = 0
     n_sequences: int = 48
     duration_s: float = 2.0
@@ -52,18 +53,9 @@ class WorldSettings:
     speed_px_s: tuple[float, ...] = (10.0, 28.0)
     camera_motion_fraction: float = 0.3
     camera_speed_px_s: float = 6.0
-    pos_thres: float = 0.2
-    neg_thres: float = 0.2
-    sigma_thres: float = 0.03
-    refractory_period_s: float = 0.0005
-    shot_noise_rate_hz: float = 0.2
 
     def sequence_names(self) -> list[str]:
         return [f"seq-{index:03d}" for index in range(self.n_sequences)]
-
-    def sensor(self) -> SensorParams:
-        """The event-sensor fields, which this flat settings object repeats by name."""
-        return SensorParams(**{field.name: getattr(self, field.name) for field in dataclasses.fields(SensorParams)})
 
 
 def generate_world(out_dir: str | Path, settings: WorldSettings, workers: int = 1) -> None:
@@ -100,7 +92,7 @@ def write_sequence(sequence_dir: Path, settings: WorldSettings, rng: np.random.G
     # 1. Events from luminance frames at the internal rate.
     internal_times_us = np.linspace(0, duration_us, int(round(settings.duration_s * settings.internal_rate_hz)) + 1)
     internal_times_us = np.round(internal_times_us).astype(np.int64)
-    simulator = EventSimulator(renderer.luminance(0.0), settings.sensor(), rng)
+    simulator = EventSimulator(renderer.luminance(0.0), settings, rng)
     for t_previous, t_current in zip(internal_times_us[:-1], internal_times_us[1:], strict=True):
         simulator.step(renderer.luminance(t_current * 1e-6), int(t_previous), int(t_current))
     events = simulator.events()
