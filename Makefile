@@ -10,11 +10,13 @@ CORES ?= all
 
 setup: $(STAMP)
 
-# torch: keep a CUDA build that is already importable; otherwise take the CPU wheel
-# that lies on local disk here (pip resolves torch==2.13.0 to it) instead of a
-# multi-GB CUDA download.
+# torch: where the machine's python already has torch (e.g. a CUDA build on a GPU node)
+# the venv sees it through --system-site-packages and keeps it; otherwise take the
+# CPU wheel that lies on local disk here (pip resolves torch==2.13.0 to it) instead
+# of a multi-GB CUDA download.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) \
+		$$($(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
