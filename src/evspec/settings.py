@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -42,7 +43,7 @@ def from_mapping(cls: type[SettingsT], values: Mapping[str, Any] | str | None, s
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
