@@ -52,6 +52,7 @@ def build_tensors(
     root = Path(dataset.root)
     sequences = list_sequences(root, dataset.sequences)
     splits = assign_splits(sequences, split.fractions, split.seed)
+    size_hw = (windows.frame_height, windows.frame_width) if windows.frame_height else None
     rows, skipped = [], []
     with atomic_output(tensors_path) as temporary, h5py.File(temporary, "w") as handle:
         writer = _TensorWriter(handle)
@@ -66,10 +67,9 @@ def build_tensors(
                                     "reason": f"fewer than {windows.min_events} events in the event window"})  # fmt: skip
                     continue
                 images = eventgpt_images(events, windows.n_event_images, height, width)
-                size_hw = (windows.frame_height, windows.frame_width) if windows.frame_height else None
                 frames = np.stack([recording.frame(i, size_hw) for i in clip.frame_indices])
-                single = recording.frame(clip.single_frame_index, size_hw)[None]
-                tensor_index = writer.append(clip.sample_id, images, frames, single)
+                # frame_single is the last of the sampled frames (Clip.single_frame_index)
+                tensor_index = writer.append(clip.sample_id, images, frames, frames[-1:])
                 question_type, question, reference = _question(dataset, scene, sequence_number, clip)
                 rows.append(_manifest_row(clip, len(events), question_type, question, reference,
                                           splits[name], tensor_index, scene))  # fmt: skip

@@ -46,7 +46,11 @@ class Clip:
     event_start_us: int  # the draft's event window [event_start_us, event_end_us)
     event_end_us: int
     frame_indices: tuple[int, ...]  # into the sequence's frames, n_frames of them, time order
-    single_frame_index: int  # the 1-frame variant: the last frame of the clip, nearest the events
+
+    @property
+    def single_frame_index(self) -> int:
+        """The 1-frame variant: the clip's last frame, nearest the event window (the last pick)."""
+        return self.frame_indices[-1]
 
     @property
     def sample_id(self) -> str:
@@ -77,7 +81,6 @@ def plan_clips(sequence: str, frame_times_us: np.ndarray, settings: WindowSettin
                 event_start_us=end_us - settings.event_window_ms * 1000,
                 event_end_us=end_us,
                 frame_indices=tuple(int(i) for i in picks),
-                single_frame_index=int(inside[-1]),
             )
         )
     return clips

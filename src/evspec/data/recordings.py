@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from evspec.errors import InputError
+
+FRAME_CACHE_SIZE = 64  # decoded frames kept per recording (a 1 s DSEC clip spans 20)
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,11 @@ class Recording:
                 f"{len(self.frame_paths)} frames but {len(self.frame_times_us)} timestamps in timestamps.txt",
             )
         self._frame_shape: tuple[int, ...] | None = None
+        # Overlapping clips share frames: keep the recent ones decoded (clips advance in time).
+        self.frame = functools.lru_cache(maxsize=FRAME_CACHE_SIZE)(self._decode_frame)
 
-    def frame(self, index: int, size_hw: tuple[int, int] | None) -> np.ndarray:
-        """Frame `index` as uint8 [H, W, 3], resized (bicubic) to `size_hw` if given."""
+    def _decode_frame(self, index: int, size_hw: tuple[int, int] | None) -> np.ndarray:
+        """Frame `index` as uint8 [H, W, 3], resized (bicubic) to `size_hw` if given (read-only view)."""
         path = self.frame_paths[index]
         try:
             with Image.open(path) as image:
@@ -68,6 +73,7 @@ class Recording:
             self._frame_shape = pixels.shape
         elif pixels.shape != self._frame_shape:
             raise InputError(path, f"frame size {pixels.shape[:2]} differs from the sequence's {self._frame_shape[:2]}")
+        pixels.setflags(write=False)  # shared by every clip that reads it from the cache
         return pixels
 
     def annotations(self) -> dict:

@@ -102,6 +102,18 @@ class LanguageStages:
             step = self.decode_step(torch.tensor([[next_id]], device=self.device), cache)
 
 
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> list[int]:  # fmt: skip
+        """Greedy answer from pixels: every stage in order, as the engine runs them."""
+        return self.greedy(input_ids, self.project(self.encode_vision(pixel_values)), max_new_tokens, eos_token_id)
+
+
 class EventGPTStages(LanguageStages):
     """EventGPT: T event images [T, 3, S, S] -> T + P visual tokens."""
 
@@ -119,10 +131,6 @@ class EventGPTStages(LanguageStages):
     def project(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         """[T, P, D] -> projector, adaptor, spatio-temporal pooling -> [T + P, H]."""
         return self.model.model.get_event_features(vision_tokens)
-
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[int]:  # fmt: skip
-        return self.greedy(input_ids, self.project(self.encode_vision(pixel_values)), max_new_tokens, eos_token_id)
 
 
 class VideoLlavaStages(LanguageStages):
@@ -144,7 +152,3 @@ class VideoLlavaStages(LanguageStages):
         """[F, P, D] -> multimodal projector -> [F * P, H], frames in order."""
         projected = self.model.model.multi_modal_projector(vision_tokens)
         return projected.reshape(-1, projected.shape[-1])
-
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[int]:  # fmt: skip
-        return self.greedy(input_ids, self.project(self.encode_vision(pixel_values)), max_new_tokens, eos_token_id)
