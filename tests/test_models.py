@@ -73,7 +73,8 @@ def test_eventgpt_stages_equal_monolithic_forward_and_generate(eventgpt, seed):
     torch.testing.assert_close(step.logits, reference, rtol=0, atol=1e-5)
     generated = eventgpt.generate(input_ids=ids, event_pixel_values=pixels, max_new_tokens=12, do_sample=False,
                                   pad_token_id=0)  # fmt: skip
-    assert stages.generate(ids, pixels, max_new_tokens=12) == generated[0, ids.shape[1]:].tolist()
+    eos = eventgpt.generation_config.eos_token_id
+    assert stages.generate(ids, pixels, max_new_tokens=12, eos_token_id=eos) == generated[0, ids.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -88,7 +89,8 @@ def test_video_llava_stages_equal_monolithic_forward_and_generate(video_llava, s
     torch.testing.assert_close(step.logits, reference, rtol=0, atol=1e-5)
     generated = video_llava.generate(input_ids=ids, pixel_values_videos=frames, max_new_tokens=12, do_sample=False,
                                      pad_token_id=0)  # fmt: skip
-    assert stages.generate(ids, frames[0], max_new_tokens=12) == generated[0, ids.shape[1]:].tolist()
+    eos = video_llava.generation_config.eos_token_id
+    assert stages.generate(ids, frames[0], max_new_tokens=12, eos_token_id=eos) == generated[0, ids.shape[1]:].tolist()
 
 
 def test_verify_equals_sequential_decode_and_rollback_restores_state(video_llava):

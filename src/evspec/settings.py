@@ -48,6 +48,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, key)
     if origin is dict:
         if not isinstance(value, Mapping):
             raise InputError(key, f"expected a mapping, got {value!r}")

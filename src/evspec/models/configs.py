@@ -30,22 +30,35 @@ def video_llava_7b_config() -> VideoLlavaConfig:
                             image_token_id=32000, video_token_id=32001, vision_feature_layer=-2)  # fmt: skip
 
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
-                   patch_size=14)  # fmt: skip
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+def small_vision_config(image_size: int = 28, patch_size: int = 14, hidden_size: int = 32,
+                        n_layers: int = 3) -> CLIPVisionConfig:  # fmt: skip
+    """A small CLIP tower: the tests' (defaults) and the toy pair's (set by ToySettings)."""
+    return CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=n_layers,
+                            num_attention_heads=max(1, hidden_size // 16), image_size=image_size,
+                            patch_size=patch_size)  # fmt: skip
 
 
-def tiny_eventgpt_config(vocab_size: int, n_event_images: int = 5) -> EventGPTConfig:
-    """A few-thousand-parameter EventGPT for CPU tests (grouped-query attention on purpose)."""
-    return EventGPTConfig(vision_config=CLIPVisionConfig(**TINY_VISION), vocab_size=vocab_size,
-                          n_event_images=n_event_images, **TINY_TEXT)  # fmt: skip
+def small_text_config(vocab_size: int, hidden_size: int = 32, n_layers: int = 2) -> dict:
+    """A small LLaMA with grouped-query attention (kv heads = heads / 2), as a check that GQA is honoured."""
+    n_heads = max(2, hidden_size // 16)
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads // 2,
+                max_position_embeddings=1024)  # fmt: skip
 
 
-def tiny_video_llava_config(vocab_size: int, video_token_id: int, image_token_id: int) -> VideoLlavaConfig:
-    """A tiny Video-LLaVA whose vocabulary ends with its special tokens, as the real one does."""
-    return VideoLlavaConfig(vision_config=CLIPVisionConfig(**TINY_VISION).to_dict(),
-                            text_config=LlamaConfig(vocab_size=vocab_size, **TINY_TEXT).to_dict(),
+def tiny_eventgpt_config(vocab_size: int, n_event_images: int = 5, vision: CLIPVisionConfig | None = None,
+                         hidden_size: int = 32, n_layers: int = 2) -> EventGPTConfig:  # fmt: skip
+    """A small EventGPT for CPU tests and the toy pair."""
+    return EventGPTConfig(vision_config=vision or small_vision_config(), n_event_images=n_event_images,
+                          **small_text_config(vocab_size, hidden_size, n_layers))  # fmt: skip
+
+
+def tiny_video_llava_config(vocab_size: int, video_token_id: int, image_token_id: int,
+                            vision: CLIPVisionConfig | None = None, hidden_size: int = 32,
+                            n_layers: int = 2) -> VideoLlavaConfig:  # fmt: skip
+    """A small Video-LLaVA whose vocabulary ends with its special tokens, as the real one does."""
+    text = LlamaConfig(**small_text_config(vocab_size, hidden_size, n_layers))
+    return VideoLlavaConfig(vision_config=(vision or small_vision_config()).to_dict(), text_config=text.to_dict(),
                             image_token_id=image_token_id, video_token_id=video_token_id,
                             vision_feature_layer=-2)  # fmt: skip
 

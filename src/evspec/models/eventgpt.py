@@ -108,13 +108,13 @@ class EventGPTModel(LlamaModel):
         self.post_init()
 
     def get_event_features(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        """Project and pool one window's tower output [T, P, D] into visual tokens [T + P, H]."""
+        """Project and pool tower output [..., T, P, D] into visual tokens [..., T + P, H] per window."""
         projected = self.visual_projector(vision_tokens.to(self.visual_projector[0].weight.dtype))
         if self.feature_adaptor is not None:
             projected = self.feature_adaptor(projected)
-        temporal = projected.mean(dim=1)  # [T, H]: one token per event image
-        spatial = projected.mean(dim=0)  # [P, H]: one token per position, CLS first
-        return torch.cat([temporal, spatial], dim=0)
+        temporal = projected.mean(dim=-2)  # [..., T, H]: one token per event image
+        spatial = projected.mean(dim=-3)  # [..., P, H]: one token per position, CLS first
+        return torch.cat([temporal, spatial], dim=-2)
 
 
 class EventGPTForCausalLM(PreTrainedModel, GenerationMixin):
@@ -145,11 +145,16 @@ class EventGPTForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Monolithic forward: event images [T, 3, S, S] are encoded only when the ids hold placeholders."""
+        """Monolithic forward on event images [T, 3, S, S] (one window for the batch) or [B, T, 3, S, S].
+
+        The images are encoded only when the ids hold placeholders (the prefill, not later steps).
+        """
         if inputs_embeds is None:
             event_tokens = None
             if event_pixel_values is not None and bool((input_ids == self.config.event_placeholder_id).any()):
-                event_tokens = self.model.get_event_features(self.model.visual_tower(event_pixel_values))
+                pixels = event_pixel_values.flatten(0, -4)  # [B * T, 3, S, S]
+                vision = self.model.visual_tower(pixels).unflatten(0, event_pixel_values.shape[:-3])
+                event_tokens = self.model.get_event_features(vision)
             inputs_embeds = embed_with_visual_tokens(self.model.embed_tokens, input_ids,
                                                      self.config.event_placeholder_id, event_tokens)  # fmt: skip
         cache = kwargs.pop(CACHE_KWARG, None)

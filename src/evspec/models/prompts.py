@@ -33,6 +33,11 @@ def video_llava_prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, n_
     return _with_placeholders(tokenizer, " USER: ", f"\n{question} ASSISTANT:", video_id, n_video_tokens)
 
 
+def follow_up_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
+    """A later turn of the same conversation (both templates continue with ` USER: ... ASSISTANT:`)."""
+    return tokenizer.encode(f" USER: {question} ASSISTANT:", add_special_tokens=False)
+
+
 def _with_placeholders(tokenizer: PreTrainedTokenizerBase, before: str, after: str, placeholder_id: int,
                        count: int) -> list[int]:  # fmt: skip
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731

@@ -18,15 +18,20 @@ hidden states for all positions it ran.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, VideoLlavaForConditionalGeneration
+from transformers import DynamicCache, PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
 from evspec.models.compat import CACHE_KWARG
+from evspec.models.configs import n_video_tokens
 from evspec.models.eventgpt import EventGPTForCausalLM
+from evspec.models.prompts import eventgpt_prompt_ids, video_llava_prompt_ids
 from evspec.models.splice import embed_with_visual_tokens
+
+VIDEO_LLAVA_FRAMES = 8  # Video-LLaVA was trained on exactly 8 frames per video
 
 
 @dataclass
@@ -35,7 +40,7 @@ class StepOutput:
     hidden: torch.Tensor  # [1, n, H], after the final norm: what lm_head reads
 
 
-class LanguageStages:
+class LanguageStages(ABC):
     """The LLM half shared by both models: a LLaMA decoder, its embeddings and lm_head."""
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, placeholder_id: int) -> None:
@@ -91,22 +96,41 @@ class LanguageStages:
     def greedy(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, max_new_tokens: int,
                eos_token_id: int | None = None) -> list[int]:  # fmt: skip
         """Greedy decoding through prefill + decode_step: the reference the engine must equal."""
+        return self.greedy_with_hidden(input_ids, visual_tokens, max_new_tokens, eos_token_id)[0]
+
+    @torch.no_grad()
+    def greedy_with_hidden(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, max_new_tokens: int,
+                           eos_token_id: int | None = None) -> tuple[list[int], torch.Tensor]:  # fmt: skip
+        """Greedy tokens and, for each, the final hidden state [L, H] whose lm_head chose it."""
         cache = self.new_cache()
         step = self.prefill(input_ids, visual_tokens, cache)
         tokens: list[int] = []
+        hidden: list[torch.Tensor] = []
         while True:
             next_id = int(step.logits[0, -1].argmax())
             tokens.append(next_id)
+            hidden.append(step.hidden[0, -1])
             if next_id == eos_token_id or len(tokens) == max_new_tokens:
-                return tokens
+                return tokens, torch.stack(hidden)
             step = self.decode_step(torch.tensor([[next_id]], device=self.device), cache)
 
+    @torch.no_grad()
+    def teacher_forced_hidden(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None,
+                              continuation: list[int]) -> torch.Tensor:  # fmt: skip
+        """Hidden states [L, H] along a given continuation: row i is what predicts continuation[i]."""
+        forced = torch.tensor([continuation[:-1]], dtype=input_ids.dtype, device=input_ids.device)
+        step = self.prefill(torch.cat([input_ids, forced], dim=1), visual_tokens, self.new_cache())
+        return step.hidden[0, -len(continuation) :]
 
-    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
-    def project(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def project(self, vision_tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+        """The model's own prompt for `question` as ids [1, S], one placeholder per visual token."""
 
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
                  eos_token_id: int | None = None) -> list[int]:  # fmt: skip
@@ -120,6 +144,12 @@ class EventGPTStages(LanguageStages):
     def __init__(self, model: EventGPTForCausalLM) -> None:
         super().__init__(model.model, model.lm_head, model.config.event_placeholder_id)
         self.model = model
+        self.image_size = model.config.vision_config.image_size
+        self.n_images = model.config.n_event_images
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+        ids = eventgpt_prompt_ids(tokenizer, question, self.model.config.n_visual_tokens, self.placeholder_id)
+        return torch.tensor([ids], device=self.device)
 
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -139,6 +169,12 @@ class VideoLlavaStages(LanguageStages):
     def __init__(self, model: VideoLlavaForConditionalGeneration) -> None:
         super().__init__(model.model.language_model, model.lm_head, model.config.video_token_id)
         self.model = model
+        self.image_size = model.config.vision_config.image_size
+        self.n_images = VIDEO_LLAVA_FRAMES
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+        ids = video_llava_prompt_ids(tokenizer, question, n_video_tokens(self.model.config, self.n_images))
+        return torch.tensor([ids], device=self.device)
 
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:

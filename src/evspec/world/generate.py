@@ -71,7 +71,7 @@ def generate_world(out_dir: str | Path, settings: WorldSettings, workers: int = 
         with ProcessPoolExecutor(max_workers=workers) as pool:
             counts = pool.map(_write_sequence_job, jobs)
             for name, n_events in zip(names, tqdm(counts, total=len(names), desc="synth", unit="seq"), strict=True):
-                log.info("%s: %d events", name, n_events)
+                log.debug("%s: %d events", name, n_events)
         (staging / "world.json").write_text(
             json.dumps({"settings": json.loads(to_json(settings)), "sequences": names}, indent=2)
         )

@@ -1,0 +1,101 @@
+"""The toy pair: EventGPT and Video-LLaVA at tiny sizes, sharing one word-level vocabulary.
+
+The demo and the tests need a draft and a target that really answer questions about
+the synthetic world, on CPU, in minutes. They are the real classes at small configs;
+`evspec train-toy` trains them and `save_pair` / `load_pair` move them through a
+directory laid out as the real checkpoints are:
+
+    {directory}/draft/            EventGPT checkpoint (config.json + model.safetensors)
+    {directory}/target/           Video-LLaVA checkpoint
+    {directory}/draft_tokenizer/  the shared vocabulary
+    {directory}/target_tokenizer/ shared + <image>, <video>, <pad>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast, VideoLlavaForConditionalGeneration
+
+from evspec.errors import InputError
+from evspec.models.checkpoint import load_eventgpt, load_video_llava
+from evspec.models.configs import small_vision_config, tiny_eventgpt_config, tiny_video_llava_config
+from evspec.models.eventgpt import EventGPTForCausalLM
+from evspec.models.prompts import VICUNA_V1_SYSTEM
+from evspec.models.tokenizer import TARGET_SPECIALS, build_shared_tokenizer, require_tokens, target_tokenizer
+from evspec.world.scene import COLOURS, DIRECTIONS, NUMBER_WORDS, QUESTIONS, SHAPES
+
+
+@dataclass(frozen=True)
+class ToyShape:
+    """Sizes of the toy pair. EventGPT sees events at a higher resolution than the target's
+    frames, as the real pair does (336 vs 224 px)."""
+
+    draft_image_size: int = 64
+    target_image_size: int = 48
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 3  # Video-LLaVA reads layer -2: two layers of vision for the target
+    hidden_size: int = 64
+    layers: int = 2
+
+
+@dataclass
+class ModelPair:
+    draft: EventGPTForCausalLM
+    target: VideoLlavaForConditionalGeneration
+    draft_tokenizer: PreTrainedTokenizerFast
+    target_tokenizer: PreTrainedTokenizerFast
+
+
+def toy_corpus() -> list[str]:
+    """Every text the toy pair reads or writes: prompts, questions and the answer wordings."""
+    words = [*SHAPES, *COLOURS, *DIRECTIONS, *NUMBER_WORDS, "a moves and ."]
+    return [VICUNA_V1_SYSTEM, "USER: <ev_start> <ev_end> ASSISTANT:", *QUESTIONS.values(), " ".join(words)]
+
+
+def build_toy_pair(shape: ToyShape, n_event_images: int, seed: int) -> ModelPair:
+    """Fresh, randomly initialised toy pair (seeded) with its two tokenizers."""
+    shared = build_shared_tokenizer(toy_corpus())
+    target_tok = target_tokenizer(shared)
+    ids = require_tokens(target_tok, TARGET_SPECIALS, "toy target tokenizer")
+    torch.manual_seed(seed)
+    draft = EventGPTForCausalLM(tiny_eventgpt_config(
+        len(shared), n_event_images, small_vision_config(shape.draft_image_size, shape.patch_size,
+                                                         shape.vision_hidden_size, shape.vision_layers),
+        shape.hidden_size, shape.layers))  # fmt: skip
+    target = VideoLlavaForConditionalGeneration(tiny_video_llava_config(
+        len(target_tok), ids["<video>"], ids["<image>"],
+        small_vision_config(shape.target_image_size, shape.patch_size, shape.vision_hidden_size, shape.vision_layers),
+        shape.hidden_size, shape.layers))  # fmt: skip
+    for model, tokenizer in ((draft, shared), (target, target_tok)):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    return ModelPair(draft, target, shared, target_tok)
+
+
+def save_pair(pair: ModelPair, directory: Path) -> None:
+    """Write the four parts; the caller makes `directory` appear atomically."""
+    pair.draft.save_pretrained(directory / "draft")
+    pair.target.save_pretrained(directory / "target")
+    pair.draft_tokenizer.save_pretrained(directory / "draft_tokenizer")
+    pair.target_tokenizer.save_pretrained(directory / "target_tokenizer")
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """A local tokenizer directory (nothing is downloaded)."""
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise InputError(directory, f"cannot load tokenizer: {error}") from error
+
+
+def load_pair(draft: str | Path, target: str | Path, draft_tokenizer: str | Path, target_tokenizer: str | Path,
+              dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelPair:  # fmt: skip
+    """Load a pair from local directories, checking the target tokenizer has its special tokens."""
+    target_tok = load_tokenizer(target_tokenizer)
+    require_tokens(target_tok, ("<video>",), target_tokenizer)
+    return ModelPair(load_eventgpt(draft, dtype).to(device), load_video_llava(target, dtype).to(device),
+                     load_tokenizer(draft_tokenizer), target_tok)  # fmt: skip
