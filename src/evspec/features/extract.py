@@ -1,0 +1,150 @@
+"""`python -m evspec extract-features`: the cached training data of the adapter stage.
+
+Per clip of the manifest, through the stage API only:
+- target (Video-LLaVA): 8 frames -> vision tokens -> projected tokens -> prefill with the
+  clip's question -> greedy answer ids and the final hidden state behind each answer token;
+- draft (EventGPT): event images -> vision tokens -> projected tokens -> its own prompt,
+  teacher-forced along the target's answer (read from the target's cache) -> the draft's
+  final hidden state behind each answer token.
+
+Row i of `hidden` in both caches is the state whose lm_head predicts answer_ids[i], so the
+two are aligned position by position: what an adapter or a draft head learns from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from evspec.errors import InputError
+from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample
+from evspec.fingerprint import code_version, model_fingerprint, settings_digest
+from evspec.h5 import open_h5, require_dataset
+from evspec.models.checkpoint import load_eventgpt, load_video_llava
+from evspec.models.processing import check_images, clip_preprocess
+from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
+from evspec.models.toy import load_tokenizer
+from evspec.models.tokenizer import require_tokens
+
+log = logging.getLogger(__name__)
+
+MODELS = {  # model name -> (role, loader, stages, tensors.h5 dataset it reads)
+    "video_llava": ("target", load_video_llava, VideoLlavaStages, "frames"),
+    "eventgpt": ("draft", load_eventgpt, EventGPTStages, "event_images"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    fields: str = "all"  # "all": + vision tokens and the target's projected tokens; "training": what the adapter reads
+    precision: str = "float32"  # stored floats: "float32" or "float16" (halves the disk)
+    max_new_tokens: int = 32  # longest target answer
+    device: str = "cpu"
+    dtype: str = "float32"  # model compute dtype
+    batch_clips: int = 8  # clips whose vision towers run in one batch
+
+    def __post_init__(self) -> None:
+        if self.fields not in ("all", "training"):
+            raise ValueError(f"fields must be 'all' or 'training', got {self.fields!r}")
+        if self.precision not in ("float32", "float16"):
+            raise ValueError(f"precision must be 'float32' or 'float16', got {self.precision!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def expected_fingerprint(model_name: str, model_dir: Path, tensors_path: Path, settings: FeatureSettings,
+                         answers_digest: str | None = None) -> dict:  # fmt: skip
+    """What a cache made from these inputs is stamped with (and what readers demand)."""
+    with open_h5(tensors_path) as handle:
+        preprocessing = {key: handle.attrs.get(key, "") for key in ("windows", "dataset")}
+    options = {k: v for k, v in asdict(settings).items() if k in ("fields", "precision", "max_new_tokens", "dtype")}
+    fingerprint = {"model": f"{model_name}:{model_fingerprint(model_dir)}", "preprocessing": settings_digest(preprocessing),
+                   "code": code_version("features", "models"), "options": settings_digest(options)}  # fmt: skip
+    if answers_digest is not None:
+        fingerprint["answers"] = answers_digest
+    return fingerprint
+
+
+def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data_dir: Path, out_path: Path,
+                     settings: FeatureSettings, target_cache: Path | None = None) -> None:  # fmt: skip
+    """Write (or resume) `out_path` for every clip of `data_dir`'s manifest."""
+    if model_name not in MODELS:
+        raise InputError("--model", f"unknown model {model_name!r}; known: {sorted(MODELS)}")
+    role, load, stages_class, dataset_name = MODELS[model_name]
+    if role == "draft" and target_cache is None:
+        raise InputError("--answers", "the draft is teacher-forced along the target's answers: give the target's cache")
+    manifest = pd.read_parquet(data_dir / "manifest.parquet")
+    tensors_path = data_dir / "tensors.h5"
+    answers, answers_digest = {}, None
+    if target_cache is not None:
+        reader = FeatureReader(target_cache)
+        ids = list(manifest["sample_id"])
+        answers = {i: r["answer_ids"].tolist() for i, r in zip(ids, reader.records(ids, ("answer_ids",)))}
+        answers_digest = settings_digest(reader.fingerprint)
+    fingerprint = expected_fingerprint(model_name, model_dir, tensors_path, settings, answers_digest)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    require_tokens(tokenizer, [tokenizer.eos_token or "</s>"], tokenizer_dir)
+    stages = stages_class(load(model_dir, DTYPES[settings.dtype]).to(settings.device))
+    writer = FeatureWriter(out_path, fingerprint, settings.precision)
+    try:
+        todo = manifest[~manifest["sample_id"].map(lambda i: i.replace("/", "~")).isin(writer.done)]
+        if len(todo) < len(manifest):
+            log.info("resuming %s: %d of %d clips already done", out_path, len(manifest) - len(todo), len(manifest))
+        with open_h5(tensors_path) as handle:
+            images = require_dataset(handle, dataset_name)
+            progress = tqdm(total=len(todo), desc=f"features {model_name}", unit="clip", mininterval=5)
+            for start in range(0, len(todo), settings.batch_clips):
+                chunk = todo.iloc[start : start + settings.batch_clips]
+                visual = _visual_tokens(stages, images, chunk, tensors_path, dataset_name)
+                for row, (vision, projected) in zip(chunk.itertuples(), visual):
+                    record = _record(stages, tokenizer, row, vision, projected, settings, role, answers)
+                    writer.write(row.sample_id, record)
+                    progress.update()
+            progress.close()
+        writer.finish(list(manifest["sample_id"]))
+    finally:
+        writer.close()
+    shapes = {name: array.shape for name, array in record.items() if name != "answer_ids"} if len(todo) else {}
+    log.info("%s: %d clips, ~%d bytes per sample uncompressed", out_path, len(manifest),
+             bytes_per_sample(shapes, settings.precision))  # fmt: skip
+
+
+@torch.no_grad()
+def _visual_tokens(stages: LanguageStages, images, chunk: pd.DataFrame, source: Path, dataset_name: str):
+    """Vision tokens [K, P, D] and projected tokens [N, H] per clip; the towers run once per chunk."""
+    pixels = []
+    for row in chunk.itertuples():
+        clip_images = images[row.tensor_index]
+        check_images(clip_images, stages.n_images, f"{dataset_name} of {row.sample_id}", source)
+        pixels.append(clip_preprocess(clip_images, stages.image_size))
+    vision = stages.encode_vision(torch.cat(pixels)).unflatten(0, (len(pixels), stages.n_images))
+    return [(clip_vision, stages.project(clip_vision)) for clip_vision in vision]
+
+
+def _record(stages: LanguageStages, tokenizer, row, vision: torch.Tensor, projected: torch.Tensor,
+            settings: FeatureSettings, role: str, answers: dict[str, list[int]]) -> dict[str, np.ndarray]:  # fmt: skip
+    prompt = stages.prompt_ids(tokenizer, row.question)
+    if role == "target":
+        answer_ids, hidden = stages.greedy_with_hidden(prompt, projected, settings.max_new_tokens, tokenizer.eos_token_id)
+    else:
+        answer_ids = answers[row.sample_id]
+        vocabulary = stages.lm_head.out_features
+        forced = [i if i < vocabulary else tokenizer.unk_token_id for i in answer_ids]  # target-only ids
+        hidden = stages.teacher_forced_hidden(prompt, projected, forced)
+    record = {"answer_ids": np.asarray(answer_ids), "hidden": _numpy(hidden)}
+    if role == "draft" or settings.fields == "all":
+        record["projected"] = _numpy(projected)
+    if settings.fields == "all":
+        record["vision"] = _numpy(vision)
+    return record
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()

@@ -1,0 +1,56 @@
+# Features: each model's vision/projected tokens and hidden states per clip, cached in HDF5.
+# The draft is teacher-forced along the target's greedy answers, so it runs after the target.
+FEATURES = f"{RESULTS}/features"
+FEATURE_SETTINGS = as_json({**config["features"], "device": MODELS["device"], "dtype": MODELS["dtype"]})
+FEATURE_CODE = code_version(*CORE_MODULES, "features", "models", "fingerprint.py")
+
+
+rule extract_target_features:
+    input:
+        rules.build_tensors.output.manifest,
+        rules.build_tensors.output.tensors,
+        model_inputs(),
+    output:
+        f"{FEATURES}/video_llava.h5",
+    params:
+        checkpoint=model_paths()["target"],
+        tokenizer=model_paths()["target_tokenizer"],
+        data_dir=f"{RESULTS}/data",
+        settings=FEATURE_SETTINGS,
+        code=FEATURE_CODE,
+    resources:
+        gpu=1 if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/extract_target_features.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/extract_target_features.tsv"
+    shell:
+        "{EVSPEC} extract-features --model video_llava --checkpoint {params.checkpoint}"
+        " --tokenizer {params.tokenizer} --data-dir {params.data_dir} --settings {params.settings:q}"
+        " --out {output} 2> {log}"
+
+
+rule extract_draft_features:
+    input:
+        rules.build_tensors.output.manifest,
+        rules.build_tensors.output.tensors,
+        model_inputs(),
+        answers=rules.extract_target_features.output,
+    output:
+        f"{FEATURES}/eventgpt.h5",
+    params:
+        checkpoint=model_paths()["draft"],
+        tokenizer=model_paths()["draft_tokenizer"],
+        data_dir=f"{RESULTS}/data",
+        settings=FEATURE_SETTINGS,
+        code=FEATURE_CODE,
+    resources:
+        gpu=1 if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/extract_draft_features.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/extract_draft_features.tsv"
+    shell:
+        "{EVSPEC} extract-features --model eventgpt --checkpoint {params.checkpoint}"
+        " --tokenizer {params.tokenizer} --data-dir {params.data_dir} --settings {params.settings:q}"
+        " --answers {input.answers} --out {output} 2> {log}"
