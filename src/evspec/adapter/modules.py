@@ -1,0 +1,148 @@
+"""The adapter stage's trainable modules: an alignment adapter and an EAGLE-style draft head.
+
+- `AlignmentAdapter` maps the draft's final hidden state (EventGPT) to the target's
+  (Video-LLaVA), so the target's own lm_head can read it.
+- `DraftHead` predicts the target's next final hidden state from (its current one, the
+  embedding of the token just chosen), attending to the clip's event tokens, and decodes
+  through the target's frozen lm_head. One decoder layer: a few percent of a target step.
+
+Both are plain torch (no transformers internals), so the engine can run them anywhere
+and their state dicts round-trip through safetensors with the config that made them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from evspec.errors import InputError
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    in_size: int  # draft hidden width
+    out_size: int  # target hidden width
+    hidden_size: int = 256  # MLP width; 0 = a single linear map
+    residual: bool = True  # add the input when widths match (starts near identity)
+
+
+class AlignmentAdapter(nn.Module):
+    """Draft hidden [..., in] -> target hidden [..., out]: Linear-GELU-Linear (+ input if widths match)."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.residual = config.residual and config.in_size == config.out_size
+        if config.hidden_size:
+            self.net = nn.Sequential(nn.Linear(config.in_size, config.hidden_size), nn.GELU(),
+                                     nn.Linear(config.hidden_size, config.out_size))  # fmt: skip
+            if self.residual:  # training starts from the identity map
+                nn.init.zeros_(self.net[2].weight)
+                nn.init.zeros_(self.net[2].bias)
+        else:
+            self.net = nn.Linear(config.in_size, config.out_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.net(hidden)
+        return out + hidden if self.residual else out
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden_size: int  # target hidden width
+    event_size: int  # width of the draft's projected event tokens
+    n_heads: int = 4
+    intermediate_size: int = 256
+    use_events: bool = True  # False: the text-only ablation (EAGLE without the event camera)
+    adapter_hidden_size: int = 256  # the event tokens' adapter into the target's width
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class DraftHead(nn.Module):
+    """One pre-norm decoder layer over the answer so far, with the event tokens as a visible prefix.
+
+    Position i reads (hidden[i], embed(token[i])) and predicts hidden[i + 1]; it attends to
+    every event token and to positions <= i. Event tokens are keys and values only.
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        size = config.hidden_size
+        if size % config.n_heads:
+            raise ValueError(f"hidden_size {size} is not divisible by n_heads {config.n_heads}")
+        self.fuse = nn.Linear(2 * size, size)
+        self.event_adapter = (
+            AlignmentAdapter(AdapterConfig(config.event_size, size, config.adapter_hidden_size))
+            if config.use_events
+            else None
+        )
+        self.attention_norm = RMSNorm(size)
+        self.query = nn.Linear(size, size, bias=False)
+        self.key_value = nn.Linear(size, 2 * size, bias=False)
+        self.output = nn.Linear(size, size, bias=False)
+        self.mlp_norm = RMSNorm(size)
+        self.gate_up = nn.Linear(size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, size, bias=False)
+        self.final_norm = RMSNorm(size)  # the target's lm_head reads normed states
+
+    def event_prefix(self, event_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """Adapted, normed event tokens [B, N, H]; computed once per clip and reused every step."""
+        if self.event_adapter is None or event_tokens is None:
+            return None
+        return self.attention_norm(self.event_adapter(event_tokens))
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, prefix: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """hidden, token_embeds: [B, L, H]; prefix: [B, N, H] or None; mask: [B, L] valid positions.
+
+        Returns the predicted next hidden states [B, L, H].
+        """
+        batch, length, size = hidden.shape
+        x = self.fuse(torch.cat([hidden, token_embeds], dim=-1))
+        normed = self.attention_norm(x)
+        keys_from = normed if prefix is None else torch.cat([prefix, normed], dim=1)
+        n_prefix = keys_from.shape[1] - length
+        heads = self.config.n_heads
+        q = self.query(normed).view(batch, length, heads, -1).transpose(1, 2)
+        k, v = self.key_value(keys_from).view(batch, -1, 2, heads, size // heads).permute(2, 0, 3, 1, 4)
+        # position i sees the whole prefix and answer positions <= i (and only valid ones)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        allowed = torch.cat([torch.ones(length, n_prefix, dtype=torch.bool, device=x.device), causal], dim=1)
+        allowed = allowed.expand(batch, 1, length, -1)
+        if mask is not None:
+            valid_keys = torch.cat([torch.ones(batch, n_prefix, dtype=torch.bool, device=x.device), mask.bool()], dim=1)
+            allowed = allowed & valid_keys[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.output(attended.transpose(1, 2).reshape(batch, length, size))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        x = x + self.down(F.silu(gate) * up)
+        return self.final_norm(x)
+
+
+def load_head(path: Path) -> DraftHead:
+    """A draft head saved by train-adapter: weights plus the HeadConfig stored in the metadata."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            config = HeadConfig(**json.loads(handle.metadata()["config"]))
+        head = DraftHead(config)
+        head.load_state_dict(load_file(str(path)))
+    except (OSError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a draft head checkpoint: {error}") from error
+    return head.eval()

@@ -1,0 +1,264 @@
+"""`python -m evspec train-adapter`: alignment adapter and cross-modal draft head, with baselines.
+
+Rows of `adapter/metrics.json`, all measured on the held-out test split:
+    identity        the draft's hidden state read as if it were the target's (widths must match)
+    linear          a ridge-regression map draft -> target (closed form)
+    adapter         the MLP adapter (feature regression + token cross-entropy through lm_head)
+    head            the EAGLE-style draft head reading the event tokens (the `feature` method's drafter)
+    head-text-only  the same head without event tokens: what the event camera adds
+
+Checkpoints are safetensors with the config that made them in the metadata; the loss
+curves go to curves.png. Seeds are fixed, so a rerun on the same features is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from evspec.adapter.data import ClipFeatures, load_clips  # noqa: E402
+from evspec.adapter.metrics import alignment_metrics  # noqa: E402
+from evspec.adapter.modules import AdapterConfig, AlignmentAdapter, DraftHead, HeadConfig  # noqa: E402
+from evspec.atomic import atomic_output  # noqa: E402
+from evspec.features.extract import FeatureSettings  # noqa: E402
+from evspec.models.checkpoint import load_video_llava  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    seed: int = 0
+    adapter_hidden_size: int = 256  # 0: the adapter row is a trained linear map
+    adapter_steps: int = 400
+    head_steps: int = 600
+    head_heads: int = 4
+    head_intermediate_size: int = 256
+    unroll_steps: int = 3  # training passes on the head's own predicted states
+    batch_size: int = 32  # adapter: clips' tokens per step; head: clips per step
+    learning_rate: float = 1e-3
+    token_loss_weight: float = 0.1  # cross-entropy through lm_head, next to the feature regression
+    ridge: float = 1e-3  # the linear baseline's regulariser
+    eval_positions: int = 4  # draft positions 1..k reported for the head
+    device: str = "cpu"
+    threads: int = 2
+
+
+@dataclass
+class FrozenTarget:
+    """The parts of the target the adapter stage reads, frozen: lm_head and token embeddings."""
+
+    lm_head: torch.nn.Linear
+    embed_tokens: torch.nn.Embedding
+    language_model_parameters: int
+
+    @classmethod
+    def load(cls, directory: Path, device: str) -> FrozenTarget:
+        model = load_video_llava(directory)
+        language = model.model.language_model
+        parameters = sum(p.numel() for p in language.parameters()) + model.lm_head.weight.numel()
+        lm_head, embed = model.lm_head.to(device).requires_grad_(False), language.embed_tokens.to(device).requires_grad_(False)
+        return cls(lm_head, embed, parameters)
+
+
+def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_dir: Path,
+                  feature_settings: FeatureSettings, settings: AdapterSettings, out_dir: Path) -> dict:  # fmt: skip
+    torch.set_num_threads(settings.threads)
+    clips = load_clips(features_dir, data_dir, target_dir, draft_dir, feature_settings)
+    train, test = clips["train"], clips["test"]
+    target = FrozenTarget.load(target_dir, settings.device)
+    lm_head = target.lm_head.cpu()
+    rows, curves, checkpoints = {}, {}, {}
+
+    # 1. Alignment rows: predict h_t[i] from h_d[i], judged by lm_head agreement with a[i].
+    actual = [c.target_hidden for c in test]
+    tokens = [c.answer_ids for c in test]
+    if train[0].draft_hidden.shape[-1] == train[0].target_hidden.shape[-1]:
+        rows["identity"] = alignment_metrics([c.draft_hidden for c in test], actual, tokens, lm_head)
+    else:
+        rows["identity"] = {"skipped": "draft and target hidden widths differ"}
+    weight, bias = _ridge(train, settings.ridge)
+    rows["linear"] = alignment_metrics([c.draft_hidden @ weight + bias for c in test], actual, tokens, lm_head)
+    checkpoints["linear"] = ({"weight": weight.T.contiguous(), "bias": bias}, {"kind": "linear", "ridge": settings.ridge})
+    adapter, curves["adapter"] = _train_adapter(train, target, settings)
+    with torch.no_grad():
+        rows["adapter"] = alignment_metrics([adapter(c.draft_hidden) for c in test], actual, tokens, lm_head)
+    checkpoints["adapter"] = (adapter.state_dict(), asdict(adapter.config))
+
+    # 2. Draft heads: predict h_t[i + 1] from (h_t[i], a[i]) and the event tokens, then unroll.
+    for name, use_events in (("head", True), ("head-text-only", False)):
+        config = HeadConfig(hidden_size=train[0].target_hidden.shape[-1], event_size=train[0].event_tokens.shape[-1],
+                            n_heads=settings.head_heads, intermediate_size=settings.head_intermediate_size,
+                            use_events=use_events, adapter_hidden_size=settings.adapter_hidden_size)  # fmt: skip
+        head, curves[name] = _train_head(config, train, target, settings)
+        rows[name] = _head_metrics(head, test, target, settings.eval_positions)
+        rows[name]["parameters"] = sum(p.numel() for p in head.parameters())
+        rows[name]["cost_ratio_parameters"] = rows[name]["parameters"] / target.language_model_parameters
+        checkpoints[name] = (head.state_dict(), asdict(config))
+
+    metrics = {"rows": rows, "n_train_clips": len(train), "n_test_clips": len(test), "split": "test",
+               "target_language_model_parameters": target.language_model_parameters,
+               "settings": asdict(settings)}  # fmt: skip
+    with atomic_output(out_dir) as temporary:
+        temporary.mkdir()
+        for name, (state, config) in checkpoints.items():
+            tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+            save_file(tensors, temporary / f"{name}.safetensors", metadata={"config": json.dumps(config, sort_keys=True)})
+        _plot_curves(curves, temporary / "curves.png")
+        (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    for name, row in rows.items():
+        log.info("%s: %s", name, {k: v for k, v in row.items() if not isinstance(v, list)})
+    return metrics
+
+
+def _ridge(train: list[ClipFeatures], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form ridge regression h_t ~ h_d W + b on every training token (float64 solve)."""
+    x = torch.cat([c.draft_hidden for c in train]).double()
+    y = torch.cat([c.target_hidden for c in train]).double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
+    weight = torch.linalg.solve(gram, xc.T @ yc)
+    return weight.float(), (y_mean - x_mean @ weight).float()
+
+
+def _loss(predicted: torch.Tensor, actual: torch.Tensor, tokens: torch.Tensor, lm_head: torch.nn.Linear,
+          weight: float) -> torch.Tensor:  # fmt: skip
+    """Feature regression (smooth L1) plus `weight` x token cross-entropy through the frozen lm_head."""
+    return F.smooth_l1_loss(predicted, actual) + weight * F.cross_entropy(lm_head(predicted), tokens)
+
+
+def _optimiser(module: torch.nn.Module, settings: AdapterSettings, steps: int):
+    optimiser = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate, weight_decay=0.01)
+    return optimiser, torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+
+
+def _train_adapter(train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings):
+    torch.manual_seed(settings.seed)
+    device = settings.device
+    x = torch.cat([c.draft_hidden for c in train]).to(device)
+    y = torch.cat([c.target_hidden for c in train]).to(device)
+    tokens = torch.cat([c.answer_ids for c in train]).to(device)
+    adapter = AlignmentAdapter(AdapterConfig(x.shape[1], y.shape[1], settings.adapter_hidden_size)).to(device)
+    optimiser, schedule = _optimiser(adapter, settings, settings.adapter_steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    batch = min(len(x), settings.batch_size * 8)  # tokens per step
+    curve = []
+    for _ in tqdm(range(settings.adapter_steps), desc="adapter", unit="step", mininterval=5):
+        index = torch.randperm(len(x), generator=generator)[:batch].to(device)
+        loss = _loss(adapter(x[index]), y[index], tokens[index], target.lm_head, settings.token_loss_weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        curve.append(loss.item())
+    return adapter.cpu().eval(), curve
+
+
+def _padded(clips: list[ClipFeatures], device: str):
+    """Batch of answers as head training pairs: inputs at 0..L-2, targets at 1..L-1, and the mask."""
+    length = max(len(c.answer_ids) for c in clips) - 1
+    size = clips[0].target_hidden.shape[-1]
+    hidden = torch.zeros(len(clips), length + 1, size)
+    tokens = torch.zeros(len(clips), length + 1, dtype=torch.long)
+    mask = torch.zeros(len(clips), length, dtype=torch.bool)
+    for i, clip in enumerate(clips):
+        n = len(clip.answer_ids)
+        hidden[i, :n], tokens[i, :n], mask[i, : n - 1] = clip.target_hidden, clip.answer_ids, True
+    events = torch.stack([c.event_tokens for c in clips])
+    return hidden.to(device), tokens.to(device), mask.to(device), events.to(device)
+
+
+def _train_head(config: HeadConfig, train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings):
+    """Teacher-forced pass, then `unroll_steps` passes reading the head's own previous predictions."""
+    torch.manual_seed(settings.seed)
+    usable = [c for c in train if len(c.answer_ids) > 1]  # a one-token answer has no next state to predict
+    head = DraftHead(config).to(settings.device)
+    optimiser, schedule = _optimiser(head, settings, settings.head_steps)
+    rng = np.random.default_rng(settings.seed)
+    curve = []
+    name = "head" if config.use_events else "head-text-only"
+    for _ in tqdm(range(settings.head_steps), desc=name, unit="step", mininterval=5):
+        batch = [usable[i] for i in rng.choice(len(usable), size=min(settings.batch_size, len(usable)), replace=False)]
+        hidden, tokens, mask, events = _padded(batch, settings.device)
+        embeds = target.embed_tokens(tokens[:, :-1])
+        prefix = head.event_prefix(events)
+        inputs, loss = hidden[:, :-1], 0.0
+        for _ in range(1 + settings.unroll_steps):
+            predicted = head(inputs, embeds, prefix, mask)
+            loss = loss + _loss(predicted[mask], hidden[:, 1:][mask], tokens[:, 1:][mask], target.lm_head,
+                                settings.token_loss_weight)  # fmt: skip
+            inputs = torch.cat([hidden[:, :1], predicted[:, :-1].detach()], dim=1)  # position i+1 reads its own guess
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        curve.append(loss.item() / (1 + settings.unroll_steps))
+    return head.cpu().eval(), curve
+
+
+@torch.no_grad()
+def _head_metrics(head: DraftHead, test: list[ClipFeatures], target: FrozenTarget, positions: int) -> dict:
+    """Step-1 alignment metrics, and top-1 accuracy at draft positions 1..k drafting on its own.
+
+    From every verified position s of an answer, the head drafts up to k tokens feeding back
+    its own states and tokens; position d counts where s + d is inside the answer.
+    `acceptance_at_position[d]` is conditioned on positions < d being right (what a verifier
+    accepts); `accuracy_at_position[d]` is not.
+    """
+    lm_head, embed = target.lm_head.cpu(), target.embed_tokens.cpu()
+    usable = [c for c in test if len(c.answer_ids) > 1]
+    predicted, actual, tokens = [], [], []
+    correct = [[] for _ in range(positions)]
+    accepted = [[] for _ in range(positions)]
+    started = time.perf_counter()
+    for clip in usable:
+        prefix = head.event_prefix(clip.event_tokens[None])
+        step1 = head(clip.target_hidden[None, :-1], embed(clip.answer_ids[None, :-1]), prefix)[0]
+        predicted.append(step1)
+        actual.append(clip.target_hidden[1:])
+        tokens.append(clip.answer_ids[1:])
+        length = len(clip.answer_ids)
+        for start in range(length - 1):
+            hidden, ids = clip.target_hidden[: start + 1], clip.answer_ids[: start + 1]
+            all_right = True
+            for d in range(min(positions, length - 1 - start)):
+                state = head(hidden[None], embed(ids[None]), prefix)[0, -1]
+                guess = lm_head(state).argmax()
+                right = bool(guess == clip.answer_ids[start + 1 + d])
+                correct[d].append(right)
+                if all_right:
+                    accepted[d].append(right)
+                all_right &= right
+                hidden, ids = torch.cat([hidden, state[None]]), torch.cat([ids, guess[None]])
+    metrics = alignment_metrics(predicted, actual, tokens, lm_head)
+    metrics["accuracy_at_position"] = [float(np.mean(c)) if c else None for c in correct]
+    metrics["acceptance_at_position"] = [float(np.mean(a)) if a else None for a in accepted]
+    metrics["drafts_at_position"] = [len(c) for c in correct]
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name, curve in curves.items():
+        axis.plot(np.arange(1, len(curve) + 1), curve, label=name, linewidth=1)
+    axis.set(xlabel="step", ylabel="training loss", yscale="log", title="adapter stage training")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
