@@ -1,0 +1,164 @@
+"""Speculative decoding on the fast engine: the target alone, and draft-then-verify with any drafter.
+
+One cycle (gpt-fast style):
+    1. the drafter proposes k tokens d1..dk (and, when sampling, their draft distributions q);
+    2. the target runs [last, d1..dk] in one forward: p1..p(k+1);
+    3. greedy: keep d_i while it equals argmax p_i; sampling: keep d_i with probability
+       min(1, p_i(d_i) / q_i(d_i)), and at the first rejection draw from normalise(max(0, p_i - q_i)).
+       Either way one more token comes from the target itself (the bonus token), so each
+       cycle yields accepted + 1 tokens and the output is exactly the target's.
+    4. the target's cache is rewound past the rejected drafts (a pointer move).
+The only host synchronisation per cycle is reading the number accepted.
+
+Vocabularies: the draft proposes only ids both models have (its distribution is masked
+to the common ids and renormalised); the target's distribution is never masked, so ids
+only the target has stay reachable through the residual and the bonus token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from evspec.spec.fast_llama import FastLlama
+
+
+@dataclass
+class Sampler:
+    """Temperature 0 is greedy; otherwise softmax(logits / temperature), drawn with `generator`."""
+
+    temperature: float = 0.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def draw(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """One id per row of [..., V] probabilities."""
+        flat = probabilities.reshape(-1, probabilities.shape[-1])
+        return torch.multinomial(flat, 1, generator=self.generator).view(probabilities.shape[:-1])
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1) if self.greedy else self.draw(self.probabilities(logits))
+
+
+@dataclass
+class Decoded:
+    """What one answer cost: the ids, target forwards, and per-position draft acceptance."""
+
+    output_ids: list[int]
+    target_forwards: int | None = 0  # None where it is not known (transformers' assisted generation)
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position 1..k
+    drafted_per_position: list[int] = field(default_factory=list)
+    ttft_ms: float = 0.0
+
+
+class Drafter(Protocol):
+    """Proposes k tokens after the committed ones; told what the target committed after each cycle."""
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None: ...
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft ids [k] and, when sampling, their distributions [k, V_target] (None when greedy)."""
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        """The target kept `tokens` (accepted drafts + the bonus); `hidden` [n, H] are the states behind them."""
+
+
+def _finish(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    tokens = tokens[:max_new_tokens]
+    if eos_token_id is not None and eos_token_id in tokens:
+        tokens = tokens[: tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+def _done(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -> bool:
+    return len(tokens) >= max_new_tokens or (eos_token_id is not None and eos_token_id in tokens)
+
+
+def decode_target(target: FastLlama, prefill_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                  sampler: Sampler) -> Decoded:  # fmt: skip
+    """The baseline: one target step per token after the prefill (whose last logits give token 1)."""
+    token = sampler.pick(prefill_logits[:, -1])  # [1]
+    tokens = [int(token)]
+    result = Decoded(tokens)
+    while not _done(tokens, max_new_tokens, eos_token_id):
+        out = target.step(token.view(1, 1))
+        token = sampler.pick(out.logits[:, -1])
+        tokens.append(int(token))
+        result.target_forwards += 1
+    result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
+    return result
+
+
+def decode_speculative(target: FastLlama, prefill: "FastOutputLike", drafter: Drafter, k: int, max_new_tokens: int,
+                       eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
+    """Draft k, verify k + 1, keep the agreed prefix plus one target token; repeat."""
+    first = sampler.pick(prefill.logits[:, -1])
+    tokens = [int(first)]
+    result = Decoded(tokens, accepted_per_position=[0] * k, drafted_per_position=[0] * k)
+    drafter.start(tokens[0], prefill.hidden[0, -1])
+    while not _done(tokens, max_new_tokens, eos_token_id):
+        base = target.length
+        draft_ids, draft_probs = drafter.propose(k, sampler)
+        verify_ids = torch.cat([torch.tensor([tokens[-1]], device=draft_ids.device), draft_ids])[None]
+        out = target.step(verify_ids)  # logits [1, k + 1, V]: row i predicts what follows verify_ids[i]
+        n_accepted, bonus = _accept(out.logits[0], draft_ids, draft_probs, sampler)
+        kept = draft_ids[:n_accepted].tolist() + [bonus]
+        hidden = out.hidden[0, : n_accepted + 1].clone()  # the states behind the kept tokens
+        target.rewind(base + 1 + n_accepted)  # cache keeps `last` and the accepted drafts
+        tokens += kept
+        drafter.commit(kept, hidden)
+        result.target_forwards += 1
+        result.drafted += k
+        result.accepted += n_accepted
+        for position in range(k):
+            result.drafted_per_position[position] += 1
+            result.accepted_per_position[position] += int(position < n_accepted)
+    result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
+    return result
+
+
+def _accept(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor | None,
+            sampler: Sampler) -> tuple[int, int]:  # fmt: skip
+    """Number of drafts kept and the target's own next token (see the module docstring, step 3)."""
+    k = len(draft_ids)
+    if sampler.greedy:
+        choices = logits.argmax(-1)  # [k + 1]
+        agree = (choices[:k] == draft_ids).long()
+        n_accepted = int(agree.cumprod(0).sum())  # the one host sync of the cycle
+        return n_accepted, int(choices[n_accepted])
+    p = sampler.probabilities(logits)  # [k + 1, V]
+    rows = torch.arange(k, device=p.device)
+    ratio = p[rows, draft_ids] / draft_probs[rows, draft_ids]
+    uniform = torch.rand(k, device=p.device, generator=sampler.generator)
+    n_accepted = int((uniform < ratio).long().cumprod(0).sum())
+    if n_accepted == k:
+        return k, int(sampler.draw(p[k]))
+    residual = (p[n_accepted] - draft_probs[n_accepted]).clamp_min(0)
+    return n_accepted, int(sampler.draw(residual / residual.sum()))
+
+
+class FastOutputLike(Protocol):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def timed(function, *args, device: torch.device, **kwargs):
+    """(result, milliseconds) with the device synchronised around the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, (time.perf_counter() - started) * 1000

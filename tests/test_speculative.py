@@ -1,0 +1,137 @@
+"""Speculative decoding is lossless: greedy ids equal the target's; sampling draws from the target's law."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from evspec.adapter.modules import DraftHead, HeadConfig
+from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
+from evspec.models.eventgpt import EventGPTForCausalLM
+from evspec.models.splice import embed_with_visual_tokens
+from evspec.models.stages import EventGPTStages, VideoLlavaStages
+from evspec.spec.decode import Sampler, decode_speculative, decode_target
+from evspec.spec.drafters import HeadDrafter, TokenDrafter
+from evspec.spec.fast_llama import FastLlama
+
+EOS = 2
+
+
+def _models(vocab: int, seed: int):
+    torch.manual_seed(seed)
+    target = VideoLlavaStages(VideoLlavaForConditionalGeneration(tiny_video_llava_config(vocab + 2, vocab + 1, vocab)).eval())
+    draft = EventGPTStages(EventGPTForCausalLM(tiny_eventgpt_config(vocab)).eval())
+    return target, draft
+
+
+def _prefilled(stages, n_images: int, prompt: list[int], max_length: int, seed: int):
+    """A fast engine over `stages` with a random clip's prompt prefilled."""
+    torch.manual_seed(seed)
+    visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, 28, 28)))
+    ids = torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *prompt]])
+    engine = FastLlama(stages.language_model, stages.lm_head, max_length)
+    embeds = embed_with_visual_tokens(stages.language_model.embed_tokens, ids, stages.placeholder_id, visual)
+    return engine, engine.forward_embeds(embeds), ids, visual
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_speculative_equals_target(seed):
+    vocab = 60
+    target, draft = _models(vocab, seed)
+    prompt = torch.randint(3, vocab, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+    engine, prefill, ids, visual = _prefilled(target, 8, prompt, 400, seed)
+    reference = target.greedy(ids, visual, max_new_tokens=24, eos_token_id=EOS)
+    baseline = decode_target(engine, prefill.logits, 24, EOS, Sampler())
+    assert baseline.output_ids == reference
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    perfect = copy.deepcopy(target)  # the target drafting for itself: every draft is accepted
+    for k in (1, 3, 5):
+        drafters = {
+            "eventgpt": lambda: TokenDrafter(_prefilled(draft, 5, prompt, 400, seed)[0], vocab, vocab + 2),
+            "self": lambda: TokenDrafter(_prefilled(perfect, 8, prompt, 400, seed)[0], vocab + 2, vocab + 2),
+            "head": lambda: HeadDrafter(head, torch.randn(7, 32), target.language_model.embed_tokens, target.lm_head, vocab),
+        }
+        for name, make in drafters.items():
+            engine.rewind(ids.shape[1])
+            result = decode_speculative(engine, prefill, make(), k, 24, EOS, Sampler())
+            assert result.output_ids == reference, (name, k)
+            assert result.accepted <= result.drafted
+            if name == "self":
+                assert result.accepted == result.drafted  # exercises the all-accepted path
+
+
+def _joint_of_two_tokens(engine, prefill, prompt_length: int, temperature: float) -> torch.Tensor:
+    """Exact P(t1, t2) of the target sampled at `temperature`: [V, V]."""
+    first = torch.softmax(prefill.logits[0, -1] / temperature, -1)
+    joint = torch.zeros(len(first), len(first))
+    for token in range(len(first)):
+        engine.rewind(prompt_length)
+        joint[token] = first[token] * torch.softmax(engine.step(torch.tensor([[token]])).logits[0, -1] / temperature, -1)
+    return joint
+
+
+def _chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test, cells with expectation < 5 merged into one."""
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    wanted = torch.cat([expected[~small], expected[small].sum()[None]])
+    statistic = ((observed - wanted) ** 2 / wanted.clamp_min(1e-12)).sum()
+    dof = torch.tensor(float(len(observed) - 1))
+    return float(torch.special.gammaincc(dof / 2, statistic / 2))
+
+
+def test_sampling_speculative_draws_from_the_targets_distribution():
+    vocab, temperature, draws = 4, 1.0, 1200
+    target, draft = _models(vocab, 11)
+    engine, prefill, ids, _ = _prefilled(target, 8, [3, 1], 64, 0)
+    drafter_engine, drafter_prefill, draft_ids, _ = _prefilled(draft, 5, [3, 1], 64, 1)
+    joint = _joint_of_two_tokens(engine, prefill, ids.shape[1], temperature).flatten()
+    sampler = Sampler(temperature, torch.Generator().manual_seed(0))
+    counts, draft_only, rejected = torch.zeros_like(joint), torch.zeros_like(joint), 0
+    for _ in range(draws):
+        engine.rewind(ids.shape[1])
+        drafter_engine.rewind(draft_ids.shape[1])
+        result = decode_speculative(engine, prefill, TokenDrafter(drafter_engine, vocab, vocab + 2), 2, 2, None, sampler)
+        first, second = result.output_ids
+        counts[first * (vocab + 2) + second] += 1
+        rejected += result.drafted - result.accepted
+        drafter_engine.rewind(draft_ids.shape[1])  # negative control: the draft's own samples
+        q1 = torch.softmax(drafter_prefill.logits[0, -1, :vocab] / temperature, -1)
+        token = int(torch.multinomial(q1, 1, generator=sampler.generator))
+        q2 = torch.softmax(drafter_engine.step(torch.tensor([[token]])).logits[0, -1, :vocab] / temperature, -1)
+        draft_only[token * (vocab + 2) + int(torch.multinomial(q2, 1, generator=sampler.generator))] += 1
+    assert rejected > draws // 4  # the draft disagrees often, so residual sampling is exercised
+    assert _chi_square_p_value(counts, joint * draws) > 1e-3
+    assert _chi_square_p_value(draft_only, joint * draws) < 1e-6  # the test can tell distributions apart
+
+
+def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, tiny_data, tmp_path):
+    from evspec.adapter.modules import DraftHead, HeadConfig
+    from evspec.models.toy import load_pair
+    from evspec.spec.run import SpecSettings, speculate
+    from evspec.spec.summary import summarize
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer")  # fmt: skip
+    torch.manual_seed(0)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train",
+                            draft_lengths={"hf-assisted": [2], "token": [1, 3], "feature": [2], "prefill": [2]})  # fmt: skip
+    frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
+    target = frames["target"].set_index("sample_id")
+    assert len(target) == 3 and (target["status"] == "ok").all()
+    for method in ("hf-generate", "token", "feature", "prefill"):
+        rows = frames[method]
+        assert (rows["status"] == "ok").all() and rows["exact_match"].all(), method
+        assert set(rows["k"]) == {0} if method == "hf-generate" else True
+    assert sorted(frames["token"]["k"].unique()) == [1, 3]
+    assert (frames["hf-assisted"]["status"].str.startswith("not run") | frames["hf-assisted"]["exact_match"]).all()
+    summary = summarize(tmp_path, tmp_path / "summary.json")
+    entries = {(e["method"], e["k"]): e for e in summary["methods"]}
+    assert entries[("token", 3)]["exact_match_rate"] == 1.0
+    assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
+    assert entries[("target", 0)]["speedup_median"] == 1.0
+    assert "predicted_decode_speedup" in entries[("token", 3)]

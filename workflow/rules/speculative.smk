@@ -1,0 +1,50 @@
+# Speculative evaluation: every method on every held-out clip, sharded (one job per shard,
+# each asking for one GPU when models run on CUDA), then one summary over all shards.
+SPEC = f"{RESULTS}/spec"
+SPEC_CONFIG = config["speculative"]
+SPEC_SHARDS = range(SPEC_CONFIG["shards"])
+
+
+rule speculate:
+    input:
+        manifest=rules.build_tensors.output.manifest,
+        tensors=rules.build_tensors.output.tensors,
+        models=model_inputs(),
+        adapter=rules.train_adapter.output,
+    output:
+        expand(f"{SPEC}/{{method}}/shard-{{{{shard}}}}.parquet", method=SPEC_CONFIG["methods"]),
+    params:
+        paths=model_paths(),
+        data_dir=f"{RESULTS}/data",
+        out_dir=SPEC,
+        n_shards=SPEC_CONFIG["shards"],
+        settings=as_json({key: value for key, value in SPEC_CONFIG.items() if key != "shards"}
+                         | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
+        code=code_version(*CORE_MODULES, "spec", "models", "adapter"),
+    threads: SPEC_CONFIG["threads"]
+    resources:
+        gpu=1 if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/speculate/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speculate/shard-{{shard}}.tsv"
+    shell:
+        "{EVSPEC} speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
+        " --target {params.paths[target]} --draft-tokenizer {params.paths[draft_tokenizer]}"
+        " --target-tokenizer {params.paths[target_tokenizer]} --adapter-dir {input.adapter}"
+        " --settings {params.settings:q} --shard {wildcards.shard} --n-shards {params.n_shards}"
+        " --out-dir {params.out_dir} 2> {log}"
+
+
+rule spec_summary:
+    input:
+        expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
+    output:
+        f"{SPEC}/summary.json",
+    params:
+        spec_dir=SPEC,
+        code=code_version(*CORE_MODULES, "spec/summary.py", "adapter/metrics.py"),
+    log:
+        f"{LOGS}/spec_summary.log",
+    shell:
+        "{EVSPEC} spec-summary --spec-dir {params.spec_dir} --out {output} 2> {log}"
