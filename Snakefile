@@ -17,9 +17,14 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/adapter.smk"
+include: "workflow/rules/speculative.smk"
 
 
 rule all:
     input:
         rules.build_tensors.output,
+        rules.spec_summary.output,
     default_target: True

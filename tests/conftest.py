@@ -37,3 +37,59 @@ def random_events(rng: np.random.Generator, n: int, height: int, width: int, t_s
 
     t = np.sort(rng.integers(0, t_span_us, n))
     return Events.from_arrays(rng.integers(0, width, n), rng.integers(0, height, n), t, rng.integers(0, 2, n))
+
+
+TINY_FEATURES_KW = dict(max_new_tokens=5, batch_clips=3)
+TINY_TOY = dict(draft_image_size=32, target_image_size=24, patch_size=8, vision_hidden_size=32, vision_layers=1,
+                hidden_size=32, layers=2)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world cut into clips: a data directory with manifest.parquet and tensors.h5."""
+    from evspec.data.build import SplitSettings, build_tensors
+    from evspec.data.clips import WindowSettings
+    from evspec.data.recordings import DatasetSettings
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    build_tensors(DatasetSettings(root=str(tiny_world)), WindowSettings(min_events=20), SplitSettings(),
+                  out / "manifest.parquet", out / "tensors.h5", out / "skipped.parquet")  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tmp_path_factory) -> Path:
+    """An untrained, seeded toy pair at test size, saved as checkpoints + tokenizers."""
+    from evspec.models.toy import ToyShape, build_toy_pair, save_pair
+
+    out = tmp_path_factory.mktemp("tiny_pair")
+    save_pair(build_toy_pair(ToyShape(**TINY_TOY), n_event_images=5, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_pair_dir, tiny_data, tmp_path_factory) -> Path:
+    """Both feature caches of the tiny pair on the tiny world (video_llava.h5, eventgpt.h5)."""
+    from evspec.features.extract import extract_features
+
+    out = tmp_path_factory.mktemp("features")
+    from evspec.features.extract import FeatureSettings
+
+    settings = FeatureSettings(**TINY_FEATURES_KW)
+    extract_features("video_llava", tiny_pair_dir / "target", tiny_pair_dir / "target_tokenizer", tiny_data,
+                     out / "video_llava.h5", settings)  # fmt: skip
+    extract_features("eventgpt", tiny_pair_dir / "draft", tiny_pair_dir / "draft_tokenizer", tiny_data,
+                     out / "eventgpt.h5", settings, out / "video_llava.h5")  # fmt: skip
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,9 +14,19 @@ from conftest import PROJECT
 
 TINY_CONFIG = {
     "run": "tiny",
-    "world": {"n_sequences": 3, "duration_s": 1.0, "height": 48, "width": 64, "radius_px": [4, 8], "speed_px_s": [8, 20]},
+    "world": {"n_sequences": 5, "duration_s": 1.0, "height": 48, "width": 64, "radius_px": [4, 8], "speed_px_s": [8, 20]},
     "windows": {"min_events": 20},
+    "split": {"fractions": {"train": 0.6, "test": 0.4}},
+    "toy": {"steps": 3, "batch_size": 4, "shape": {"draft_image_size": 32, "target_image_size": 24, "vision_hidden_size": 32,
+                                                   "hidden_size": 32}},
+    "features": {"max_new_tokens": 4},
+    "adapter": {"adapter_steps": 5, "head_steps": 5, "unroll_steps": 1, "adapter_hidden_size": 16,
+                "head_intermediate_size": 32},
+    "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "draft_lengths": {"hf-assisted": [2], "token": [2],
+                                                                                       "feature": [2], "prefill": [2]}},
 }
+DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter", "speculate",
+                      "spec_summary"}
 
 
 def snakemake(workdir, *args, config=None, check=True) -> subprocess.CompletedProcess:
@@ -67,9 +78,15 @@ def test_invalid_config_fails_before_any_job_with_key_and_reason(tmp_path, chang
 def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     snakemake(tmp_path, config=TINY_CONFIG)
     manifest = pd.read_parquet(tmp_path / "results/tiny/data/manifest.parquet")
-    assert len(manifest) == 9 and (tmp_path / "results/tiny/logs/build_tensors.log").is_file()
+    assert len(manifest) == 15 and (tmp_path / "results/tiny/logs/build_tensors.log").is_file()
+    summary = json.loads((tmp_path / "results/tiny/spec/summary.json").read_text())
+    assert {m["method"] for m in summary["methods"]} == {"target", "hf-generate", "hf-assisted", "token", "feature",
+                                                        "prefill"}  # fmt: skip
+    assert all(m.get("exact_match_rate", 1.0) == 1.0 for m in summary["methods"] if m["status"] == "ok")
     assert planned_rules(tmp_path, TINY_CONFIG) == set()
     windows_changed = {**TINY_CONFIG, "windows": {"min_events": 20, "n_event_images": 3}}
-    assert planned_rules(tmp_path, windows_changed) == {"build_tensors"}
+    assert planned_rules(tmp_path, windows_changed) == {"build_tensors"} | DOWNSTREAM_OF_DATA
     world_changed = {**TINY_CONFIG, "world": {**TINY_CONFIG["world"], "pos_thres": 0.25}}
-    assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"}
+    assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA
+    adapter_changed = {**TINY_CONFIG, "adapter": {**TINY_CONFIG["adapter"], "head_steps": 6}}
+    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary"}

@@ -44,6 +44,50 @@ def _build_tensors(args: argparse.Namespace) -> None:
     )
 
 
+def _train_toy(args: argparse.Namespace) -> None:
+    from evspec.train.toy import ToySettings, train_toy
+
+    settings = from_mapping(ToySettings, args.settings, "--settings")
+    train_toy(args.data_dir / "manifest.parquet", args.data_dir / "tensors.h5", args.out_dir, args.metrics, settings)
+
+
+def _extract_features(args: argparse.Namespace) -> None:
+    from evspec.features.extract import FeatureSettings, extract_features
+
+    settings = from_mapping(FeatureSettings, args.settings, "--settings")
+    extract_features(args.model, args.checkpoint, args.tokenizer, args.data_dir, args.out, settings, args.answers)
+
+
+def _train_adapter(args: argparse.Namespace) -> None:
+    from evspec.adapter.train import AdapterSettings, train_adapter
+    from evspec.features.extract import FeatureSettings
+
+    train_adapter(args.features_dir, args.data_dir, args.target, args.draft,
+                  from_mapping(FeatureSettings, args.feature_settings, "--feature-settings"),
+                  from_mapping(AdapterSettings, args.settings, "--settings"), args.out_dir)  # fmt: skip
+
+
+def _speculate(args: argparse.Namespace) -> None:
+    from evspec.adapter.modules import load_head
+    from evspec.features.extract import DTYPES
+    from evspec.models.toy import load_pair
+    from evspec.spec.run import SpecSettings, speculate
+
+    settings = from_mapping(SpecSettings, args.settings, "--settings")
+    pair = load_pair(args.draft, args.target, args.draft_tokenizer, args.target_tokenizer, DTYPES[settings.dtype],
+                     settings.device)  # fmt: skip
+    head = None
+    if "feature" in settings.methods:
+        head = load_head(args.adapter_dir / "head.safetensors").to(settings.device, DTYPES[settings.dtype])
+    speculate(pair, head, args.data_dir, settings, args.shard, args.n_shards, args.out_dir)
+
+
+def _spec_summary(args: argparse.Namespace) -> None:
+    from evspec.spec.summary import summarize
+
+    summarize(args.spec_dir, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evspec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +106,50 @@ def build_parser() -> argparse.ArgumentParser:
     tensors.add_argument("--split", default="{}", help="JSON object of SplitSettings")
     tensors.add_argument("--out-dir", type=Path, required=True, help="writes manifest.parquet, tensors.h5, skipped.parquet")
     tensors.set_defaults(handler=_build_tensors)
+
+    toy = commands.add_parser("train-toy", help="train the toy draft/target pair on the synthetic world")
+    toy.add_argument("--data-dir", type=Path, required=True, help="holds manifest.parquet and tensors.h5")
+    toy.add_argument("--settings", default="{}", help="JSON object of ToySettings")
+    toy.add_argument("--out-dir", type=Path, required=True, help="model directory to create (draft/, target/, tokenizers)")
+    toy.add_argument("--metrics", type=Path, required=True, help="held-out accuracy JSON to write")
+    toy.set_defaults(handler=_train_toy)
+
+    features = commands.add_parser("extract-features", help="cache one model's features per clip (HDF5, resumable)")
+    features.add_argument("--model", required=True, help="video_llava (the target) or eventgpt (the draft)")
+    features.add_argument("--checkpoint", type=Path, required=True, help="local checkpoint directory")
+    features.add_argument("--tokenizer", type=Path, required=True, help="local tokenizer directory")
+    features.add_argument("--data-dir", type=Path, required=True, help="holds manifest.parquet and tensors.h5")
+    features.add_argument("--out", type=Path, required=True, help="features/{model}.h5 to write")
+    features.add_argument("--answers", type=Path, help="the target's cache (the draft is teacher-forced along it)")
+    features.add_argument("--settings", default="{}", help="JSON object of FeatureSettings")
+    features.set_defaults(handler=_extract_features)
+
+    adapter = commands.add_parser("train-adapter", help="alignment adapter + cross-modal draft head, with baselines")
+    adapter.add_argument("--features-dir", type=Path, required=True, help="holds video_llava.h5 and eventgpt.h5")
+    adapter.add_argument("--data-dir", type=Path, required=True, help="holds manifest.parquet (splits) and tensors.h5")
+    adapter.add_argument("--target", type=Path, required=True, help="target checkpoint (frozen lm_head, embeddings)")
+    adapter.add_argument("--draft", type=Path, required=True, help="draft checkpoint (checked against the cache)")
+    adapter.add_argument("--feature-settings", default="{}", help="JSON FeatureSettings the caches must match")
+    adapter.add_argument("--settings", default="{}", help="JSON object of AdapterSettings")
+    adapter.add_argument("--out-dir", type=Path, required=True, help="adapter directory: checkpoints, metrics, curves")
+    adapter.set_defaults(handler=_train_adapter)
+
+    spec = commands.add_parser("speculate", help="every decoding method on one shard of clips")
+    spec.add_argument("--data-dir", type=Path, required=True, help="holds manifest.parquet and tensors.h5")
+    for name, what in (("draft", "EventGPT checkpoint"), ("target", "Video-LLaVA checkpoint"),
+                       ("draft-tokenizer", "draft tokenizer"), ("target-tokenizer", "target tokenizer")):  # fmt: skip
+        spec.add_argument(f"--{name}", type=Path, required=True, help=f"{what} directory")
+    spec.add_argument("--adapter-dir", type=Path, help="train-adapter's output (head.safetensors), for `feature`")
+    spec.add_argument("--settings", default="{}", help="JSON object of SpecSettings")
+    spec.add_argument("--shard", type=int, default=0, help="this shard's index")
+    spec.add_argument("--n-shards", type=int, default=1, help="clips are dealt round-robin over the shards")
+    spec.add_argument("--out-dir", type=Path, required=True, help="writes {method}/shard-{shard}.parquet")
+    spec.set_defaults(handler=_speculate)
+
+    summary = commands.add_parser("spec-summary", help="medians, intervals and the cost model over all shards")
+    summary.add_argument("--spec-dir", type=Path, required=True, help="speculate's output directory")
+    summary.add_argument("--out", type=Path, required=True, help="summary.json to write")
+    summary.set_defaults(handler=_spec_summary)
     return parser
 
 
