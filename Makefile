@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
-	@echo "Results under results/demo/, reports under reports/demo/."
+	$(BIN)/snakemake --report reports/demo.html
+	@echo "Report: reports/demo/index.md (Snakemake's HTML report: reports/demo.html); results under results/demo/."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf results reports/*/ .snakemake
+	rm -rf results reports/*/ reports/*.html .snakemake

@@ -21,10 +21,12 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/adapter.smk"
 include: "workflow/rules/speculative.smk"
+include: "workflow/rules/bench.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         rules.build_tensors.output,
-        rules.spec_summary.output,
+        rules.report.output,
     default_target: True

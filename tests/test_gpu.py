@@ -19,13 +19,13 @@ pytestmark = pytest.mark.gpu
 VOCAB = 60
 
 
-def _engine(stages, prompt_embeds, max_length=256):
-    engine = FastLlama(stages.language_model, stages.lm_head, max_length)
+def _engine(stages, prompt_embeds, max_length=256, compile=False):
+    engine = FastLlama(stages.language_model, stages.lm_head, max_length, compile=compile)
     return engine, engine.forward_embeds(prompt_embeds)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed):
+@pytest.mark.parametrize("seed, compile", [(0, False), (1, False), (2, True)])
+def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed, compile):
     torch.manual_seed(seed)
     target_model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB)).eval()
     target = VideoLlavaStages(target_model.cuda())
@@ -33,7 +33,7 @@ def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed)
     embeds = torch.randn(1, 40, 32, device="cuda")
     eager = VideoLlavaStages(copy.deepcopy(target_model).cpu())
     cpu_engine, cpu_prefill = _engine(eager, embeds.cpu())
-    engine, prefill = _engine(target, embeds)
+    engine, prefill = _engine(target, embeds, compile=compile)
     torch.testing.assert_close(prefill.logits.cpu(), cpu_prefill.logits, atol=1e-4, rtol=1e-4)
     for token in (5, 9, 3):  # graph replays (captured on first use) against CPU eager steps
         ids = torch.tensor([[token]])

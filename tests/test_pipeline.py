@@ -29,14 +29,14 @@ DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_fea
                       "spec_summary"}
 
 
-def snakemake(workdir, *args, config=None, check=True) -> subprocess.CompletedProcess:
+def snakemake(workdir, *args, config=None, check=True, env=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT / "Snakefile"),
                "--directory", str(workdir), "--cores", "2"]  # fmt: skip
     if config is not None:
         path = workdir / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         command += ["--configfile", str(path)]
-    result = subprocess.run(command + list(args), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command + list(args), capture_output=True, text=True, timeout=1200, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -88,6 +88,20 @@ def _spec_summary(args: argparse.Namespace) -> None:
     summarize(args.spec_dir, args.out)
 
 
+def _bench_stages(args: argparse.Namespace) -> None:
+    from evspec.bench.stages import BenchSettings, bench_stages
+
+    bench_stages(from_mapping(BenchSettings, args.settings, "--settings"), args.models, args.out)
+
+
+def _report(args: argparse.Namespace) -> None:
+    import json
+
+    from evspec.report.render import render_reports
+
+    render_reports(args.results, json.loads(args.config), json.loads(args.models), args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evspec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -150,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--spec-dir", type=Path, required=True, help="speculate's output directory")
     summary.add_argument("--out", type=Path, required=True, help="summary.json to write")
     summary.set_defaults(handler=_spec_summary)
+
+    bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")
+    bench.add_argument("--settings", default="{}", help="JSON object of BenchSettings (scale toy or 7b)")
+    bench.add_argument("--models", type=Path, help="toy scale: the toy pair's directory")
+    bench.add_argument("--out", type=Path, required=True, help="stages.parquet to write")
+    bench.set_defaults(handler=_bench_stages)
+
+    report = commands.add_parser("report", help="render the Markdown reports and figures from the results")
+    report.add_argument("--results", type=Path, required=True, help="results/{run}")
+    report.add_argument("--config", default="{}", help="the run's config as JSON (its digest is reported)")
+    report.add_argument("--models", default="{}", help="JSON {role: checkpoint directory} (fingerprints are reported)")
+    report.add_argument("--out", type=Path, required=True, help="reports/{run} directory to write")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -44,12 +44,17 @@ def atomic_output(final_path: str | Path) -> Iterator[Path]:
         os.replace(temporary, final_path)
     except OSError as error:
         _remove(temporary)
-        if error.errno in _UNWRITABLE:
-            raise InputError(final_path, f"cannot write output: {error.strerror}") from error
-        raise
+        raise unwritable_error(final_path, error) from error
     except BaseException:
         _remove(temporary)
         raise
+
+
+def unwritable_error(path: Path, error: OSError) -> Exception:
+    """An `InputError` naming `path` when the place refuses writes (full, read-only, no permission)."""
+    if error.errno in _UNWRITABLE:
+        return InputError(path, f"cannot write output: {error.strerror}")
+    return error
 
 
 def _remove(path: Path) -> None:

@@ -20,11 +20,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def code_version(*modules: str) -> str:
-    """Hash of evspec modules (files or packages, relative to src/evspec) in a stable order."""
+    """Hash of evspec modules (files or packages with their templates, relative to src/evspec)."""
     digest = hashlib.sha256()
     for module in sorted(modules):
         path = SOURCE / module
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files = sorted([*path.rglob("*.py"), *path.rglob("*.j2")]) if path.is_dir() else [path]
         for file in files:
             digest.update(str(file.relative_to(SOURCE)).encode())
             digest.update(file.read_bytes())

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from evspec.atomic import unwritable_error
 from evspec.errors import InputError
 from evspec.fingerprint import settings_digest
 from evspec.h5 import lz4, open_h5
@@ -53,7 +54,10 @@ class FeatureWriter:
         self.partial = partial_path(self.final_path)
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.dtype = FLOAT_DTYPES[precision]
-        self.handle = self._open_or_restart()
+        try:
+            self.handle = self._open_or_restart()
+        except OSError as error:
+            raise unwritable_error(self.partial, error) from error
         self.done = {key for key, group in self.handle["samples"].items() if group.attrs.get("complete") == 1}
 
     def _open_or_restart(self) -> h5py.File:
@@ -79,11 +83,14 @@ class FeatureWriter:
 
     def write(self, sample_id: str, arrays: dict[str, np.ndarray]) -> None:
         """One complete record; the `complete` mark is set and flushed only after every array."""
-        group = self.handle["samples"].create_group(sample_key(sample_id))
-        for name, array in arrays.items():
-            dtype = np.int32 if np.issubdtype(array.dtype, np.integer) else self.dtype
-            group.create_dataset(name, data=array.astype(dtype), chunks=array.shape or None, **lz4())
-        self.handle.flush()
+        try:
+            group = self.handle["samples"].create_group(sample_key(sample_id))
+            for name, array in arrays.items():
+                dtype = np.int32 if np.issubdtype(array.dtype, np.integer) else self.dtype
+                group.create_dataset(name, data=array.astype(dtype), chunks=array.shape or None, **lz4())
+            self.handle.flush()
+        except OSError as error:  # h5py reports a full disk as an OSError without errno
+            raise InputError(self.partial, f"cannot write record {sample_id!r} (disk full?): {error}") from error
         group.attrs["complete"] = 1
         self.handle.flush()
         self.done.add(sample_key(sample_id))

@@ -7,6 +7,7 @@ and the shared 32000-piece vocabulary (Video-LLaVA's lm_head has 32064 rows).
 
 from __future__ import annotations
 
+import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
 
 from evspec.models.eventgpt import EventGPTConfig
@@ -67,3 +68,18 @@ def n_video_tokens(config: VideoLlavaConfig, n_frames: int = 8) -> int:
     """Video tokens in the prompt: frames x (patches + CLS); 2056 for 8 frames at 224 px."""
     vision = config.vision_config
     return n_frames * ((vision.image_size // vision.patch_size) ** 2 + 1)
+
+
+def random_model(model_class: type, config, device: str | torch.device, dtype: torch.dtype):
+    """A model with random weights built directly on `device` in `dtype` (7B: no fp32 copy on the host).
+
+    Stage timing does not depend on weight values, so 7B shapes time honestly without checkpoints.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

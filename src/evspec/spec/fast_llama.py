@@ -44,7 +44,8 @@ def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
 class FastLlama:
     """Static-cache LLaMA forward over an HF `LlamaModel`'s weights; positions continue from `length`."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int) -> None:
+    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool = False) -> None:
+        """`compile=True` fuses each layer's small kernels with torch.compile (GPU; compiles once per step length)."""
         config = language_model.config
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
@@ -60,14 +61,19 @@ class FastLlama:
             attention, mlp = layer.self_attn, layer.mlp
             if any(getattr(m, "bias", None) is not None for m in (attention.q_proj, attention.k_proj, attention.v_proj)):
                 raise ValueError("FastLlama supports LLaMA without attention biases (as Vicuna/EventGPT)")
-            self.layers.append({
-                "input_norm": layer.input_layernorm,
-                "qkv": _fuse([attention.q_proj, attention.k_proj, attention.v_proj]),
-                "o": attention.o_proj.weight,
-                "post_norm": layer.post_attention_layernorm,
-                "gate_up": _fuse([mlp.gate_proj, mlp.up_proj]),
-                "down": mlp.down_proj.weight,
-            })  # fmt: skip
+            self.layers.append((  # plain tensors (not Parameters), so a compiled layer is not specialised per layer
+                layer.input_layernorm.weight.detach(),
+                _fuse([attention.q_proj, attention.k_proj, attention.v_proj]),
+                attention.o_proj.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                _fuse([mlp.gate_proj, mlp.up_proj]),
+                mlp.down_proj.weight.detach(),
+            ))  # fmt: skip
+        self.eps = config.rms_norm_eps
+        self.step_layer = _layer
+        if compile:  # one compilation per step length (1, k + 1): the prefill stays eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.step_layer = torch.compile(_layer, fullgraph=True, dynamic=False)
         cache_shape = (len(self.layers), 1, self.n_kv_heads, max_length, self.head_dim)
         self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -81,28 +87,16 @@ class FastLlama:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, FastOutput]] = {}
 
     # ---- the forward ------------------------------------------------------------------------
-    def _forward(self, embeds: torch.Tensor) -> FastOutput:
+    def _forward(self, embeds: torch.Tensor, layer_function) -> FastOutput:
         """embeds [1, n, H] at positions position..position+n-1; writes their K/V into the cache."""
         n = embeds.shape[1]
         positions = self.position + torch.arange(n, device=self.device)  # [n]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, d]
         visible = self.key_positions[None, :] <= positions[:, None]  # [n, max_length]: causal over the cache
         x = embeds
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        for index, layer in enumerate(self.layers):
-            h = layer["input_norm"](x)
-            q, k, v = F.linear(h, layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(1, n, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(1, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            self.keys[index].index_copy_(2, positions, k)
-            self.values[index].index_copy_(2, positions, v)
-            attended = F.scaled_dot_product_attention(q, self.keys[index], self.values[index], attn_mask=visible,
-                                                      enable_gqa=self.n_kv_heads != self.n_heads)  # fmt: skip
-            x = x + F.linear(attended.transpose(1, 2).reshape(1, n, q_size), layer["o"])
-            gate, up = F.linear(layer["post_norm"](x), layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        shape = (self.n_heads, self.n_kv_heads, self.head_dim, self.eps)
+        for index, weights in enumerate(self.layers):
+            x = layer_function(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible, shape)
         hidden = self.norm(x)
         self.position += n
         return FastOutput(self.lm_head(hidden), hidden)
@@ -112,7 +106,7 @@ class FastLlama:
     def forward_embeds(self, embeds: torch.Tensor) -> FastOutput:
         """Eager forward of any length (the prefill, with visual tokens already spliced)."""
         self._check_room(embeds.shape[1])
-        out = self._forward(embeds.to(self.dtype))
+        out = self._forward(embeds.to(self.dtype), _layer)
         self.length += embeds.shape[1]
         return out
 
@@ -125,7 +119,7 @@ class FastLlama:
         n = token_ids.shape[1]
         self._check_room(n)
         if self.device.type != "cuda":
-            out = self._forward(self.embed_tokens(token_ids))
+            out = self._forward(self.embed_tokens(token_ids), self.step_layer)
         else:
             graph, ids, out = self.graphs.get(n) or self._capture(n)
             ids.copy_(token_ids)
@@ -156,15 +150,40 @@ class FastLlama:
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.position.copy_(saved)
-                self._forward(self.embed_tokens(ids))
+                self._forward(self.embed_tokens(ids), self.step_layer)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         self.position.copy_(saved)
         with torch.cuda.graph(graph):
-            out = self._forward(self.embed_tokens(ids))
+            out = self._forward(self.embed_tokens(ids), self.step_layer)
         self.position.copy_(saved)  # capture does not run the kernels; the cache holds warm-up garbage
         self.graphs[n] = (graph, ids, out)  # past `position`, which the next real step overwrites
         return self.graphs[n]
+
+
+def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor, shape: tuple) -> torch.Tensor:  # fmt: skip
+    """One LLaMA decoder layer on x [1, n, H], writing its K/V at `positions` (HF's arithmetic, fp32 norms)."""
+    input_norm, qkv, o, post_norm, gate_up, down = weights
+    n_heads, n_kv_heads, head_dim, eps = shape
+    n = x.shape[1]
+    q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+    q, k, v = F.linear(_rms_norm(x, input_norm, eps), qkv).split([q_size, kv_size, kv_size], dim=-1)
+    q = _rotate(q.view(1, n, n_heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(1, n, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
+    keys.index_copy_(2, positions, k)
+    values.index_copy_(2, positions, v.view(1, n, n_kv_heads, head_dim).transpose(1, 2))
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=n_kv_heads != n_heads)
+    x = x + F.linear(attended.transpose(1, 2).reshape(1, n, q_size), o)
+    gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm exactly as transformers computes it: in fp32, scaled in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

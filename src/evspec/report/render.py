@@ -1,0 +1,173 @@
+"""`python -m evspec report`: Markdown reports (Jinja) and PNG figures from the result files.
+
+Every number in a report is read from a result file here and passed to a template; the
+templates hold no numbers, and every section names the file and the command behind it.
+Sections whose results a run did not produce (e.g. toy metrics on real checkpoints) say so.
+
+    reports/{run}/index.md        the answer in one screen + what ran
+    reports/{run}/data.md         clips, events per window, splits
+    reports/{run}/stages.md       stage costs per model, 1 vs many images
+    reports/{run}/alignment.md    adapter and draft-head metrics vs baselines
+    reports/{run}/speculative.md  speedup, tau, alpha, acceptance per position, lossless check
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from evspec.atomic import atomic_output  # noqa: E402
+from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
+
+TEMPLATES = Path(__file__).parent / "templates"
+PAGES = ("index", "data", "stages", "alignment", "speculative")
+SOFTWARE = ("torch", "transformers", "snakemake", "numpy", "pandas", "h5py")
+
+
+def render_reports(results: Path, config: dict, model_dirs: dict[str, str], out_dir: Path) -> list[Path]:
+    """Render every page into `out_dir` (atomically, as one directory)."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                                     keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    environment.filters["f"] = lambda value, digits=2: "n/a" if value is None else f"{value:.{digits}f}"
+    environment.filters["pct"] = lambda value: "n/a" if value is None else f"{100 * value:.1f}%"
+    with atomic_output(out_dir) as temporary:
+        temporary.mkdir()
+        context = {"results": str(results), "run": config.get("run", results.name)}
+        context["data"] = data_section(results, temporary)
+        context["stages"] = stages_section(results, temporary)
+        context["alignment"] = alignment_section(results, temporary)
+        context["spec"] = speculative_section(results, temporary)
+        context["toy"] = _json(results / "models" / "toy-metrics.json")
+        context["run_info"] = run_info(config, model_dirs, context)
+        for page in PAGES:
+            text = environment.get_template(f"{page}.md.j2").render(**context)
+            (temporary / f"{page}.md").write_text(text)
+    return [out_dir / f"{page}.md" for page in PAGES]
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def data_section(results: Path, figures: Path) -> dict | None:
+    manifest_path = results / "data" / "manifest.parquet"
+    if not manifest_path.is_file():
+        return None
+    manifest = pd.read_parquet(manifest_path)
+    skipped = pd.read_parquet(results / "data" / "skipped.parquet")
+    window_ms = (manifest["event_end_us"] - manifest["event_start_us"]) / 1000
+    rate = manifest["n_events"] / window_ms  # events per ms
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].hist(manifest["n_events"], bins=40)
+    axes[0].set(xlabel="events per draft window", ylabel="clips")
+    axes[1].hist(rate * 1000 / 1e3, bins=40)
+    axes[1].set(xlabel="event rate (thousand events / s)", ylabel="clips")
+    _save(figure, figures / "data_events.png")
+    return {
+        "n_clips": len(manifest), "n_skipped": len(skipped), "n_sequences": int(manifest["sequence"].nunique()),
+        "splits": manifest.groupby("split").agg(clips=("sample_id", "size"), sequences=("sequence", "nunique"))
+        .reset_index().to_dict("records"),
+        "events_median": float(manifest["n_events"].median()), "events_p10": float(manifest["n_events"].quantile(0.1)),
+        "events_p90": float(manifest["n_events"].quantile(0.9)), "window_ms": sorted(set(window_ms.round(3))),
+        "clip_ms": sorted(set(((manifest["t_end_us"] - manifest["t_start_us"]) / 1000).round(3))),
+        "question_types": manifest["question_type"].value_counts().to_dict(),
+    }  # fmt: skip
+
+
+def stages_section(results: Path, figures: Path) -> dict | None:
+    path = results / "bench" / "stages.parquet"
+    if not path.is_file():
+        return None
+    stages = pd.read_parquet(path)
+    order = ["vision", "projector", "prefill", "decode_step"]
+    table = stages.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
+    lengths = stages.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
+    table = table.merge(lengths, on=["model", "images"])
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{m}\n{i} image{'s' if i > 1 else ''}" for m, i in zip(table["model"], table["images"])]
+    bottom = np.zeros(len(table))
+    for stage in order:
+        axis.bar(labels, table[stage], bottom=bottom, label=stage)
+        bottom += table[stage].to_numpy()
+    axis.set(ylabel="ms (median)", title=f"stage costs, {stages['scale'].iloc[0]} scale on {stages['device'].iloc[0]}")
+    axis.legend(fontsize=8)
+    _save(figure, figures / "stages.png")
+    return {"rows": table.to_dict("records"), "scale": str(stages["scale"].iloc[0]),
+            "device": str(stages["device"].iloc[0]), "dtype": str(stages["dtype"].iloc[0]),
+            "repeats": int(stages["repeats"].iloc[0])}  # fmt: skip
+
+
+def alignment_section(results: Path, figures: Path) -> dict | None:
+    metrics = _json(results / "adapter" / "metrics.json")
+    if metrics is None:
+        return None
+    curves = results / "adapter" / "curves.png"
+    if curves.is_file():
+        (figures / "adapter_curves.png").write_bytes(curves.read_bytes())
+    heads = {name: row for name, row in metrics["rows"].items() if "acceptance_at_position" in row}
+    if heads:
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        for name, row in heads.items():
+            positions = np.arange(1, len(row["acceptance_at_position"]) + 1)
+            axis.plot(positions, [np.nan if v is None else v for v in row["acceptance_at_position"]], "o-", label=name)
+        axis.set(xlabel="draft position", ylabel="prefix-conditioned acceptance", ylim=(0, 1.02))
+        axis.legend()
+        _save(figure, figures / "head_positions.png")
+    return metrics
+
+
+def speculative_section(results: Path, figures: Path) -> dict | None:
+    summary = _json(results / "spec" / "summary.json")
+    if summary is None:
+        return None
+    drafting = [m for m in summary["methods"] if m.get("acceptance_by_position")]
+    if drafting:
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        for entry in drafting:
+            values = entry["conditional_acceptance_by_position"]
+            axis.plot(np.arange(1, len(values) + 1), values, "o-", label=f"{entry['method']} k={entry['k']}")
+        axis.set(xlabel="draft position", ylabel="acceptance given the prefix", ylim=(0, 1.02))
+        axis.legend(fontsize=8)
+        _save(figure, figures / "spec_positions.png")
+    ok = [m for m in summary["methods"] if m["status"] == "ok" and m["method"] != "target"]
+    lossless = [m for m in ok if m.get("exact_match_rate") == 1.0]
+    best = {}
+    for entry in lossless:
+        if entry["method"] not in best or entry["speedup_median"] > best[entry["method"]]["speedup_median"]:
+            best[entry["method"]] = entry
+    return {**summary, "best": sorted(best.values(), key=lambda e: -e["speedup_median"]),
+            "not_run": [m for m in summary["methods"] if m["status"] != "ok"]}  # fmt: skip
+
+
+def run_info(config: dict, model_dirs: dict[str, str], context: dict) -> dict:
+    fingerprints = {}
+    for role, directory in model_dirs.items():
+        path = Path(directory)
+        fingerprints[role] = model_fingerprint(path) if (path / "config.json").is_file() else "not found"
+    versions = {}
+    for package in SOFTWARE:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    spec = context["spec"]
+    return {"config_digest": settings_digest(config), "fingerprints": fingerprints, "versions": versions,
+            "python": platform.python_version(), "report_machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "spec_device": spec["device"] if spec else None,
+            "stages_device": context["stages"]["device"] if context["stages"] else None}  # fmt: skip
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, format="png")
+    plt.close(figure)

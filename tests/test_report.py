@@ -1,0 +1,79 @@
+"""Reports: every number comes from the result files, and each page names its source."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from evspec.report.render import render_reports
+
+
+def _spec_entry(method, k, speedup, **extra):
+    return {"method": method, "k": k, "n_clips": 4, "status": "ok", "speedup_median": speedup,
+            "speedup_ci95": [speedup - 0.1, speedup + 0.2], "ttft_ms_median": 11.5, "total_ms_median": 20.0,
+            "tau": 1.0, "exact_match_rate": 1.0, "first_divergence": None, **extra}  # fmt: skip
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results" / "fixture"
+    (root / "data").mkdir(parents=True)
+    pd.DataFrame({"sample_id": ["s1/0", "s1/1", "s2/0"], "sequence": ["s1", "s1", "s2"], "split": ["train", "train", "test"],
+                  "n_events": [400, 600, 800], "event_start_us": [0, 0, 0], "event_end_us": [50_000] * 3,
+                  "t_start_us": [0, 0, 0], "t_end_us": [500_000] * 3,
+                  "question_type": ["shape", "colour", "shape"]}).to_parquet(root / "data" / "manifest.parquet")  # fmt: skip
+    pd.DataFrame({"sample_id": ["s3/0"], "sequence": ["s3"], "n_events": [5], "reason": ["few"]}).to_parquet(
+        root / "data" / "skipped.parquet")
+    (root / "spec").mkdir()
+    summary = {"n_clips": 4, "device": "NVIDIA H100 80GB HBM3", "temperature": 0.0, "target_step_ms": 6.378,
+               "tau_definition": "new tokens / target forwards",
+               "methods": [_spec_entry("target", 0, 1.0),
+                           _spec_entry("feature", 4, 1.87, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
+                                       predicted_decode_speedup=2.61, cost_ratio=0.141,
+                                       acceptance_by_position=[0.9, 0.8, 0.7, 0.6],
+                                       conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
+                           {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
+    (root / "spec" / "summary.json").write_text(json.dumps(summary))
+    (root / "adapter").mkdir()
+    row = {"cosine_mean": 0.9839, "cosine_p10": 0.9, "cosine_p50": 0.99, "cosine_p90": 0.999, "cosine_at_least_0.9": 0.98,
+           "top1_agreement": 0.808, "accepted_prefix_fraction": 0.33, "n_tokens": 708}  # fmt: skip
+    head = {**row, "acceptance_at_position": [0.985, 0.979], "parameters": 107072, "cost_ratio_parameters": 0.0123}
+    metrics = {"rows": {"identity": {"skipped": "widths differ"}, "linear": row, "adapter": row, "head": head,
+                        "head-text-only": head}, "split": "test", "n_test_clips": 160, "n_train_clips": 551}  # fmt: skip
+    (root / "adapter" / "metrics.json").write_text(json.dumps(metrics))
+    (root / "bench").mkdir()
+    stages = [{"model": "video_llava", "images": 8, "stage": stage, "ms_median": ms, "ms_p10": ms, "ms_p90": ms,
+               "repeats": 20, "prefill_tokens": 2075, "visual_tokens": 2056, "scale": "7b", "dtype": "bfloat16",
+               "device": "NVIDIA H100 80GB HBM3"}
+              for stage, ms in [("host_to_device", 1.8), ("vision", 7.49), ("projector", 0.16), ("prefill", 67.08),
+                                ("decode_step", 19.66), ("decode_step_fast_engine", 8.05)]]  # fmt: skip
+    pd.DataFrame(stages).to_parquet(root / "bench" / "stages.parquet")
+    return root
+
+
+def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_path):
+    pages = render_reports(results, {"run": "fixture"}, {"target": str(tmp_path / "none")}, tmp_path / "reports")
+    text = {page.stem: page.read_text() for page in pages}
+    assert "| feature | 4 | 1.87x | 1.77-2.07 | 3.21 | 81.2% | 100.0% |" in text["index"]
+    assert "| hf-assisted | 4 | not run | not run: ValueError: nope |" in text["index"]
+    assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
+    assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
+    assert "median 600, P10 440, P90 760" in text["data"]
+    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.05 |" in text["stages"]
+    assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]
+    assert "| identity | skipped: widths differ |" in text["alignment"]
+    assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]
+    assert "| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 2.61 | 0.141 | 3.21 | 81.2% |" in text["speculative"]
+    assert "6.378 ms" in text["speculative"]
+    for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
+        assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_results_are_said_not_invented(tmp_path):
+    empty = tmp_path / "results" / "empty"
+    empty.mkdir(parents=True)
+    pages = render_reports(empty, {"run": "empty"}, {}, tmp_path / "reports")
+    text = {page.stem: page.read_text() for page in pages}
+    assert "No speculative results" in text["index"] and "No stage timings" in text["stages"]

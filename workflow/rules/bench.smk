@@ -1,0 +1,23 @@
+# Stage timing: vision / projector / prefill / decode of both models through the stage API.
+# The demo times the toy pair on CPU; bench.scale "7b" times 7B shapes with random weights (GPU).
+BENCH = config["bench"]
+
+
+rule bench_stages:
+    input:
+        models=model_inputs() if BENCH["scale"] == "toy" else [],
+    output:
+        f"{RESULTS}/bench/stages.parquet",
+    params:
+        settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
+        models=f"--models {TOY_DIR}" if BENCH["scale"] == "toy" else "",
+        code=code_version(*CORE_MODULES, "bench", "models", "spec/fast_llama.py"),
+    threads: BENCH["threads"]
+    resources:
+        gpu=1 if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/bench_stages.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/bench_stages.tsv"
+    shell:
+        "{EVSPEC} bench-stages --settings {params.settings:q} {params.models} --out {output} 2> {log}"

@@ -1,0 +1,26 @@
+# Reports: Markdown + PNG figures rendered from the result files (and only from them).
+REPORT_INPUTS = {
+    "manifest": rules.build_tensors.output.manifest,
+    "adapter": rules.train_adapter.output,
+    "summary": rules.spec_summary.output,
+    "stages": rules.bench_stages.output,
+}
+if TOY:
+    REPORT_INPUTS["toy_metrics"] = rules.train_toy.output.metrics
+
+
+rule report:
+    input:
+        **REPORT_INPUTS,
+    output:
+        report(directory(REPORTS), patterns=["{name}.png"], caption="../report/figures.rst", category="Figures"),
+    params:
+        results=RESULTS,
+        config=as_json(config),
+        models=as_json({"draft": model_paths()["draft"], "target": model_paths()["target"]}),
+        code=code_version(*CORE_MODULES, "report", "fingerprint.py"),
+    log:
+        f"{LOGS}/report.log",
+    shell:
+        "{EVSPEC} report --results {params.results} --config {params.config:q} --models {params.models:q}"
+        " --out {output} 2> {log}"
