@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evspec.adapter.modules import DraftHead, HeadConfig
+from evspec.bench.stages import Timer
 from evspec.models.configs import VICUNA_7B
 from evspec.spec.decode import Sampler
 from evspec.spec.drafters import HeadDrafter
@@ -34,16 +35,7 @@ from evspec.spec.fast_llama import FastLlama
 
 def median_ms(function, repeats: int) -> float:
     """Median of CUDA-event timings of `function` after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(Timer(torch.device("cuda"), repeats, warmup=1)(function))
 
 
 def copy_bandwidth(repeats: int) -> float:

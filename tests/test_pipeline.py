@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -20,13 +21,14 @@ TINY_CONFIG = {
     "toy": {"steps": 3, "batch_size": 4, "shape": {"draft_image_size": 32, "target_image_size": 24, "vision_hidden_size": 32,
                                                    "hidden_size": 32}},
     "features": {"max_new_tokens": 4},
+    "bench": {"repeats": 3, "warmup": 1},
     "adapter": {"adapter_steps": 5, "head_steps": 5, "unroll_steps": 1, "adapter_hidden_size": 16,
                 "head_intermediate_size": 32},
     "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "draft_lengths": {"hf-assisted": [2], "token": [2],
                                                                                        "feature": [2], "prefill": [2]}},
 }
 DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter", "speculate",
-                      "spec_summary"}
+                      "spec_summary", "bench_stages", "report"}
 
 
 def snakemake(workdir, *args, config=None, check=True, env=None) -> subprocess.CompletedProcess:
@@ -84,9 +86,19 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
                                                         "prefill"}  # fmt: skip
     assert all(m.get("exact_match_rate", 1.0) == 1.0 for m in summary["methods"] if m["status"] == "ok")
     assert planned_rules(tmp_path, TINY_CONFIG) == set()
+    started = time.monotonic()
+    assert "Nothing to be done" in snakemake(tmp_path, config=TINY_CONFIG).stderr
+    assert time.monotonic() - started <= 5.0  # a no-op rerun is cheap (the bound)
     windows_changed = {**TINY_CONFIG, "windows": {"min_events": 20, "n_event_images": 3}}
     assert planned_rules(tmp_path, windows_changed) == {"build_tensors"} | DOWNSTREAM_OF_DATA
     world_changed = {**TINY_CONFIG, "world": {**TINY_CONFIG["world"], "pos_thres": 0.25}}
     assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA
     adapter_changed = {**TINY_CONFIG, "adapter": {**TINY_CONFIG["adapter"], "head_steps": 6}}
-    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary"}
+    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary", "report"}
+    template = PROJECT / "src" / "evspec" / "report" / "templates" / "stages.md.j2"
+    original = template.read_text()
+    try:
+        template.write_text(original + "{# an edit #}\n")
+        assert planned_rules(tmp_path, TINY_CONFIG) == {"report"}
+    finally:
+        template.write_text(original)

@@ -44,11 +44,15 @@ def results(tmp_path):
                         "head-text-only": head}, "split": "test", "n_test_clips": 160, "n_train_clips": 551}  # fmt: skip
     (root / "adapter" / "metrics.json").write_text(json.dumps(metrics))
     (root / "bench").mkdir()
-    stages = [{"model": "video_llava", "images": 8, "stage": stage, "ms_median": ms, "ms_p10": ms, "ms_p90": ms,
+    stages = [{"model": model, "images": images, "stage": stage, "k": k, "ms_median": ms, "ms_p10": ms, "ms_p90": ms,
                "repeats": 20, "prefill_tokens": 2075, "visual_tokens": 2056, "scale": "7b", "dtype": "bfloat16",
                "device": "NVIDIA H100 80GB HBM3"}
-              for stage, ms in [("host_to_device", 1.8), ("vision", 7.49), ("projector", 0.16), ("prefill", 67.08),
-                                ("decode_step", 19.66), ("decode_step_fast_engine", 8.05)]]  # fmt: skip
+              for model, images, stage, k, ms in [
+                  ("video_llava", 8, "host_to_device", 0, 1.8), ("video_llava", 8, "vision", 0, 7.49),
+                  ("video_llava", 8, "projector", 0, 0.16), ("video_llava", 8, "prefill", 0, 67.08),
+                  ("video_llava", 8, "decode_step", 0, 19.66), ("video_llava", 8, "decode_step_fast_engine", 0, 8.0),
+                  ("video_llava", 8, "verify", 4, 10.0), ("video_llava", 8, "draft_head_step", 0, 1.0),
+                  ("eventgpt", 5, "decode_step_fast_engine", 0, 7.9)]]  # fmt: skip
     pd.DataFrame(stages).to_parquet(root / "bench" / "stages.parquet")
     return root
 
@@ -61,7 +65,9 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
     assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
     assert "median 600, P10 440, P90 760" in text["data"]
-    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.05 |" in text["stages"]
+    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.00 |" in text["stages"]
+    # projection: E(0.8125, 4) = (1 - 0.8125^5) / 0.1875 = 3.4448 tokens per 4 x 1.0 + 10.0 ms; 8.0 ms per step
+    assert "| feature | 4 | 81.2% | 0.125 | 1.25 | 3.44 | 1.97x |" in text["speculative"]
     assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]
     assert "| identity | skipped: widths differ |" in text["alignment"]
     assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]

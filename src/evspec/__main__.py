@@ -89,9 +89,11 @@ def _spec_summary(args: argparse.Namespace) -> None:
 
 
 def _bench_stages(args: argparse.Namespace) -> None:
+    from evspec.adapter.modules import load_head
     from evspec.bench.stages import BenchSettings, bench_stages
 
-    bench_stages(from_mapping(BenchSettings, args.settings, "--settings"), args.models, args.out)
+    head = load_head(args.head) if args.head else None
+    bench_stages(from_mapping(BenchSettings, args.settings, "--settings"), args.models, args.out, head)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")
     bench.add_argument("--settings", default="{}", help="JSON object of BenchSettings (scale toy or 7b)")
     bench.add_argument("--models", type=Path, help="toy scale: the toy pair's directory")
+    bench.add_argument("--head", type=Path, help="a trained draft head to time (default: one of EAGLE's size)")
     bench.add_argument("--out", type=Path, required=True, help="stages.parquet to write")
     bench.set_defaults(handler=_bench_stages)
 

@@ -25,12 +25,15 @@ import pandas as pd
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
+from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.atomic import atomic_output
 from evspec.models.configs import eventgpt_7b_config, random_model, video_llava_7b_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.splice import embed_with_visual_tokens
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.toy import load_pair
+from evspec.spec.decode import Sampler
+from evspec.spec.drafters import HeadDrafter
 from evspec.spec.fast_llama import FastLlama
 from evspec.world.scene import QUESTIONS
 
@@ -48,6 +51,7 @@ class BenchSettings:
     eventgpt_images: list[int] = field(default_factory=lambda: [1, 5])
     video_llava_frames: list[int] = field(default_factory=lambda: [1, 8])
     text_tokens_7b: dict[str, int] = field(default_factory=lambda: {"eventgpt": 58, "video_llava": 19})
+    verify_lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # k: the target verifies k + 1 tokens
     threads: int = 2
 
 
@@ -75,7 +79,9 @@ class Timer:
         return times
 
 
-def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path) -> pd.DataFrame:
+def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path,
+                 head: DraftHead | None = None) -> pd.DataFrame:  # fmt: skip
+    """Time every stage; `head` is the trained draft head (toy), else one of EAGLE's size is built."""
     torch.set_num_threads(settings.threads)
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     timer = Timer(device, settings.repeats, settings.warmup)
@@ -95,6 +101,9 @@ def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path
         counts = settings.eventgpt_images if name == "eventgpt" else settings.video_llava_frames
         for n_images in counts:
             rows += _bench_model(name, stages, tokenizer, n_images, settings, timer, device, dtype)
+        if name == "video_llava":  # what a speculative cycle costs the target, and the head's draft token
+            draft_size = models[0][1].model.config.hidden_size
+            rows += _bench_drafting(stages, tokenizer, max(counts), draft_size, head, settings, timer, device, dtype)
         if settings.scale == "7b":
             stages.model.to("cpu")  # make room for the next model
             if device.type == "cuda":
@@ -102,8 +111,51 @@ def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path
     frame = pd.DataFrame(rows)
     with atomic_output(out_path) as temporary:
         frame.to_parquet(temporary, index=False)
-    log.info("\n%s", frame[["model", "images", "stage", "ms_median", "prefill_tokens"]].to_string(index=False))
+    log.info("\n%s", frame[["model", "images", "stage", "k", "ms_median", "prefill_tokens"]].to_string(index=False))
     return frame
+
+
+@torch.no_grad()
+def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size: int, head: DraftHead | None,
+                    settings: BenchSettings, timer: Timer, device: torch.device, dtype: torch.dtype) -> list[dict]:  # fmt: skip
+    """The target's (k+1)-token verify on the fast engine, and one draft-head token, after a real-length prefill."""
+    size = stages.image_size
+    visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, size, size, dtype=dtype, device=device)))
+    ids = _prompt_ids("video_llava", stages, tokenizer, visual.shape[0], settings)
+    engine = FastLlama(stages.language_model, stages.lm_head, ids.shape[1] + max(settings.verify_lengths) + 8)
+    embeds = embed_with_visual_tokens(stages.language_model.embed_tokens, ids, stages.placeholder_id, visual)
+    prefill = engine.forward_embeds(embeds)
+    token = prefill.logits[:, -1].argmax(-1).view(1, 1)
+    length = ids.shape[1]
+
+    def verify(n):
+        engine.step(token.expand(1, n))
+        engine.rewind(length)
+
+    measured = {("verify", k): timer(lambda k=k: verify(k + 1)) for k in settings.verify_lengths}
+    hidden = stages.lm_head.in_features
+    if head is None:  # EAGLE's size: one full decoder layer of the target's width
+        config = HeadConfig(hidden_size=hidden, event_size=draft_size, n_heads=stages.language_model.config.num_attention_heads,
+                            intermediate_size=stages.language_model.config.intermediate_size, adapter_hidden_size=hidden)  # fmt: skip
+        head = DraftHead(config)
+    head = head.to(device, dtype).eval()
+    n_events = 582 if settings.scale == "7b" else 70
+    drafter = HeadDrafter(head, torch.randn(n_events, draft_size, device=device, dtype=dtype),
+                          stages.language_model.embed_tokens, stages.lm_head, stages.lm_head.out_features)  # fmt: skip
+    drafter.start(int(token), prefill.hidden[0, -1])
+    drafter.commit(list(range(4, 23)), torch.randn(19, hidden, device=device, dtype=dtype))  # 20 answer tokens so far
+    measured[("draft_head_step", 0)] = timer(lambda: drafter.propose(1, Sampler()))
+    return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k)
+            for (stage, k), times in measured.items()]  # fmt: skip
+
+
+def _row(model: str, n_images: int, stage: str, times: list[float], prefill_tokens: int, visual_tokens: int,
+         settings: BenchSettings, device: torch.device, k: int = 0) -> dict:  # fmt: skip
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"model": model, "images": n_images, "stage": stage, "k": k, "ms_median": statistics.median(times),
+            "ms_p10": _quantile(times, 0.1), "ms_p90": _quantile(times, 0.9), "repeats": len(times),
+            "prefill_tokens": prefill_tokens, "visual_tokens": visual_tokens, "scale": settings.scale,
+            "dtype": settings.dtype, "device": device_name}  # fmt: skip
 
 
 def _prompt_ids(name: str, stages: LanguageStages, tokenizer, n_visual: int, settings: BenchSettings) -> torch.Tensor:
@@ -155,11 +207,8 @@ def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, se
         "decode_step": timer(decode),
         "decode_step_fast_engine": timer(fast_decode),
     }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return [{"model": name, "images": n_images, "stage": stage, "ms_median": statistics.median(times),
-             "ms_p10": _quantile(times, 0.1), "ms_p90": _quantile(times, 0.9), "repeats": len(times),
-             "prefill_tokens": length, "visual_tokens": visual.shape[0], "scale": settings.scale,
-             "dtype": settings.dtype, "device": device_name} for stage, times in measured.items()]  # fmt: skip
+    return [_row(name, n_images, stage, times, length, visual.shape[0], settings, device)
+            for stage, times in measured.items()]  # fmt: skip
 
 
 def _quantile(times: list[float], q: float) -> float:

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from evspec.adapter.metrics import expected_tokens_per_cycle  # noqa: E402
 from evspec.atomic import atomic_output  # noqa: E402
 from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
 
@@ -47,6 +48,7 @@ def render_reports(results: Path, config: dict, model_dirs: dict[str, str], out_
         context["stages"] = stages_section(results, temporary)
         context["alignment"] = alignment_section(results, temporary)
         context["spec"] = speculative_section(results, temporary)
+        context["projection"] = projection(context["spec"], context["stages"]) if context["spec"] and context["stages"] else []
         context["toy"] = _json(results / "models" / "toy-metrics.json")
         context["run_info"] = run_info(config, model_dirs, context)
         for page in PAGES:
@@ -90,8 +92,9 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         return None
     stages = pd.read_parquet(path)
     order = ["vision", "projector", "prefill", "decode_step"]
-    table = stages.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
-    lengths = stages.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
+    per_model = stages[~stages["stage"].isin(["verify", "draft_head_step"])]
+    table = per_model.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
+    lengths = per_model.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
     table = table.merge(lengths, on=["model", "images"])
     figure, axis = plt.subplots(figsize=(7, 3.5))
     labels = [f"{m}\n{i} image{'s' if i > 1 else ''}" for m, i in zip(table["model"], table["images"])]
@@ -102,7 +105,8 @@ def stages_section(results: Path, figures: Path) -> dict | None:
     axis.set(ylabel="ms (median)", title=f"stage costs, {stages['scale'].iloc[0]} scale on {stages['device'].iloc[0]}")
     axis.legend(fontsize=8)
     _save(figure, figures / "stages.png")
-    return {"rows": table.to_dict("records"), "scale": str(stages["scale"].iloc[0]),
+    verify = stages[stages["stage"] == "verify"][["k", "ms_median"]].to_dict("records")
+    return {"rows": table.to_dict("records"), "verify": verify, "costs": _step_costs(stages), "scale": str(stages["scale"].iloc[0]),
             "device": str(stages["device"].iloc[0]), "dtype": str(stages["dtype"].iloc[0]),
             "repeats": int(stages["repeats"].iloc[0])}  # fmt: skip
 
@@ -124,6 +128,41 @@ def alignment_section(results: Path, figures: Path) -> dict | None:
         axis.legend()
         _save(figure, figures / "head_positions.png")
     return metrics
+
+
+def _step_costs(stages: pd.DataFrame) -> dict:
+    """Per-token costs a speculative cycle is made of: target step, verify(k), and each drafter's token."""
+    def median(model: str, stage: str) -> float | None:
+        """The stage's time at the model's largest image count (8 frames, 5 event images)."""
+        rows = stages[(stages["model"] == model) & (stages["stage"] == stage)].sort_values("images")
+        return float(rows["ms_median"].iloc[-1]) if len(rows) else None
+
+    return {"target_step_ms": median("video_llava", "decode_step_fast_engine"),
+            "eventgpt_step_ms": median("eventgpt", "decode_step_fast_engine"),
+            "head_step_ms": median("video_llava", "draft_head_step"),
+            "verify_ms": {int(r.k): float(r.ms_median) for r in stages[stages["stage"] == "verify"].itertuples()}}  # fmt: skip
+
+
+def projection(summary: dict, stages: dict) -> list[dict]:
+    """Decode speedup projected from stage costs (bench/stages.parquet) and the measured acceptance.
+
+    Per cycle: k draft tokens at c target steps each, then one verify of k + 1 tokens;
+    E(alpha, k) tokens come out. Projected speedup = E * step / (k * c * step + verify(k)).
+    """
+    costs = stages["costs"]
+    step = costs["target_step_ms"]
+    draft_ms = {"token": costs["eventgpt_step_ms"], "prefill": costs["eventgpt_step_ms"], "feature": costs["head_step_ms"]}
+    rows = []
+    for entry in summary["methods"]:
+        k, ms = entry["k"], draft_ms.get(entry["method"])
+        if entry.get("alpha") is None or ms is None or step is None or k not in costs["verify_ms"]:
+            continue
+        cycle_ms = k * ms + costs["verify_ms"][k]
+        tokens = expected_tokens_per_cycle(entry["alpha"], k)
+        rows.append({"method": entry["method"], "k": k, "alpha": entry["alpha"], "c": ms / step,
+                     "verify_over_step": costs["verify_ms"][k] / step, "tokens_per_cycle": tokens,
+                     "projected_speedup": tokens * step / cycle_ms})  # fmt: skip
+    return rows
 
 
 def speculative_section(results: Path, figures: Path) -> dict | None:

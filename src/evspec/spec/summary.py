@@ -21,6 +21,7 @@ import pandas as pd
 
 from evspec.adapter.metrics import expected_tokens_per_cycle
 from evspec.atomic import atomic_output
+from evspec.errors import InputError
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -33,7 +34,10 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
 
 
 def summarize(spec_dir: Path, out_path: Path) -> dict:
-    rows = pd.concat([pd.read_parquet(path) for path in sorted(spec_dir.glob("*/shard-*.parquet"))], ignore_index=True)
+    paths = sorted(spec_dir.glob("*/shard-*.parquet"))
+    if not paths:
+        raise InputError(spec_dir, "no {method}/shard-*.parquet files: run `python -m evspec speculate` first")
+    rows = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
     target = rows[rows["method"] == "target"].set_index("sample_id")
     if target.empty:
         raise ValueError(f"{spec_dir}: no rows of the target method, the baseline of every speedup")
