@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -42,6 +43,36 @@ def snakemake(workdir, *args, config=None, check=True, env=None) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+TIMING_KEYS = {"train_seconds", "eval_seconds"}
+
+
+def deterministic_digests(results) -> dict[str, str]:
+    """Content hashes of everything a run produces except timings: data, models, metrics, decoded ids."""
+    import h5py
+    import hdf5plugin  # noqa: F401  (the LZ4 filter of tensors.h5)
+
+    def digest(value) -> str:
+        return hashlib.sha256(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+    def without_timings(value):
+        if isinstance(value, dict):
+            return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return value
+
+    out = {"manifest": digest(pd.read_parquet(results / "data/manifest.parquet").to_csv().encode())}
+    with h5py.File(results / "data/tensors.h5") as handle:
+        out.update({name: digest(handle[name][:].tobytes()) for name in ("event_images", "frames", "frame_single")})
+    for name in ("models/toy/target/model.safetensors", "models/toy/draft/model.safetensors",
+                 "adapter/head.safetensors", "adapter/adapter.safetensors"):  # fmt: skip
+        out[name] = digest((results / name).read_bytes())
+    for name in ("models/toy-metrics.json", "adapter/metrics.json"):
+        out[name] = digest(without_timings(json.loads((results / name).read_text())))
+    spec = pd.concat([pd.read_parquet(p) for p in sorted((results / "spec").glob("*/shard-*.parquet"))])
+    ids = spec.sort_values(["method", "k", "sample_id"])[["method", "k", "sample_id", "output_ids", "accepted"]]
+    out["spec_ids"] = digest(ids.astype(str).to_csv().encode())
+    return out
 
 
 def planned_rules(workdir, config) -> set[str]:
@@ -102,3 +133,13 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
         assert planned_rules(tmp_path, TINY_CONFIG) == {"report"}
     finally:
         template.write_text(original)
+
+
+@pytest.mark.slow
+def test_two_runs_from_clean_give_identical_results(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    snakemake(first, config=TINY_CONFIG)
+    snakemake(second, config=TINY_CONFIG)
+    assert deterministic_digests(first / "results/tiny") == deterministic_digests(second / "results/tiny")

@@ -52,7 +52,7 @@ def results(tmp_path):
                   ("video_llava", 8, "projector", 0, 0.16), ("video_llava", 8, "prefill", 0, 67.08),
                   ("video_llava", 8, "decode_step", 0, 19.66), ("video_llava", 8, "decode_step_fast_engine", 0, 8.0),
                   ("video_llava", 8, "verify", 4, 10.0), ("video_llava", 8, "draft_head_step", 0, 1.0),
-                  ("eventgpt", 5, "decode_step_fast_engine", 0, 7.9)]]  # fmt: skip
+                  ("video_llava", 8, "decode_floor", 0, 4.84), ("eventgpt", 5, "decode_step_fast_engine", 0, 7.9)]]  # fmt: skip
     pd.DataFrame(stages).to_parquet(root / "bench" / "stages.parquet")
     return root
 
@@ -65,7 +65,7 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
     assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
     assert "median 600, P10 440, P90 760" in text["data"]
-    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.00 |" in text["stages"]
+    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.00 | 4.840 |" in text["stages"]
     # projection: E(0.8125, 4) = (1 - 0.8125^5) / 0.1875 = 3.4448 tokens per 4 x 1.0 + 10.0 ms; 8.0 ms per step
     assert "| feature | 4 | 81.2% | 0.125 | 1.25 | 3.44 | 1.97x |" in text["speculative"]
     assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]

@@ -2,7 +2,8 @@
 
 Per model and image count (EventGPT: 1 and 5 event images; Video-LLaVA: 1 and 8 frames):
 vision encoding, projection (EventGPT: projector + feature adaptor + pooling), LLM prefill of
-the whole prompt, and one decode step (the stage API's, and the fast engine's). Timed after
+the whole prompt, one decode step (the stage API's, and the fast engine's) and its physical
+floor (language-model weights + the context's K/V over the copy bandwidth measured here). Timed after
 warm-up, medians of repeats, CUDA events on GPU; the host-to-device copy of the pixels is
 timed separately and disk reads are not timed at all. Because these are the stage API's
 calls, the test that proves decoupled == monolithic also proves this times the real work.
@@ -96,11 +97,12 @@ def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path
                                                                 video_llava_7b_config(), device, dtype)), None)]  # fmt: skip
     else:
         raise ValueError(f"scale must be 'toy' or '7b', got {settings.scale!r}")
+    bandwidth = copy_bandwidth(device, timer)
     rows = []
     for name, stages, tokenizer in models:
         counts = settings.eventgpt_images if name == "eventgpt" else settings.video_llava_frames
         for n_images in counts:
-            rows += _bench_model(name, stages, tokenizer, n_images, settings, timer, device, dtype)
+            rows += _bench_model(name, stages, tokenizer, n_images, settings, timer, device, dtype, bandwidth)
         if name == "video_llava":  # what a speculative cycle costs the target, and the head's draft token
             draft_size = models[0][1].model.config.hidden_size
             rows += _bench_drafting(stages, tokenizer, max(counts), draft_size, head, settings, timer, device, dtype)
@@ -170,8 +172,25 @@ def _prompt_ids(name: str, stages: LanguageStages, tokenizer, n_visual: int, set
 
 
 @torch.no_grad()
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Bytes per second of a 256 MiB copy on `device` (read + write counted): the floor's denominator."""
+    source = torch.empty(2**27, dtype=torch.float16, device=device)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * source.element_size() / (statistics.median(timer(lambda: target.copy_(source))) / 1000)
+
+
+def decode_floor_ms(stages: LanguageStages, context_tokens: int, bandwidth: float) -> float:
+    """One decode step's physical floor: the language model's weights + the context's K/V, read once."""
+    config = stages.language_model.config
+    weights = sum(p.numel() * p.element_size() for p in stages.language_model.parameters())
+    weights += stages.lm_head.weight.numel() * stages.lm_head.weight.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_tokens * stages.lm_head.weight.element_size()
+    return (weights + kv) / bandwidth * 1000
+
+
 def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, settings: BenchSettings, timer: Timer,
-                 device: torch.device, dtype: torch.dtype) -> list[dict]:  # fmt: skip
+                 device: torch.device, dtype: torch.dtype, bandwidth: float) -> list[dict]:  # fmt: skip
     size = stages.image_size
     pixels_host = torch.randn(n_images, 3, size, size, dtype=dtype)
     pixels = pixels_host.to(device)
@@ -207,6 +226,7 @@ def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, se
         "decode_step": timer(decode),
         "decode_step_fast_engine": timer(fast_decode),
     }
+    measured["decode_floor"] = [decode_floor_ms(stages, length, bandwidth)]  # computed, not timed
     return [_row(name, n_images, stage, times, length, visual.shape[0], settings, device)
             for stage, times in measured.items()]  # fmt: skip
 

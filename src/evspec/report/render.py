@@ -96,7 +96,7 @@ def stages_section(results: Path, figures: Path) -> dict | None:
     table = per_model.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
     lengths = per_model.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
     table = table.merge(lengths, on=["model", "images"])
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, (axis, decode_axis) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     labels = [f"{m}\n{i} image{'s' if i > 1 else ''}" for m, i in zip(table["model"], table["images"])]
     bottom = np.zeros(len(table))
     for stage in order:
@@ -104,6 +104,14 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         bottom += table[stage].to_numpy()
     axis.set(ylabel="ms (median)", title=f"stage costs, {stages['scale'].iloc[0]} scale on {stages['device'].iloc[0]}")
     axis.legend(fontsize=8)
+    positions = np.arange(len(table))
+    decode_axis.bar(positions - 0.2, table["decode_step"], width=0.4, label="stage API step")
+    decode_axis.bar(positions + 0.2, table["decode_step_fast_engine"], width=0.4, label="fast engine step")
+    if "decode_floor" in table:
+        decode_axis.hlines(table["decode_floor"], positions - 0.4, positions + 0.4, colors="black", label="floor")
+    decode_axis.set(xticks=positions, xticklabels=labels, ylabel="ms per token", title="one decode step vs its floor")
+    decode_axis.tick_params(axis="x", labelsize=7)
+    decode_axis.legend(fontsize=8)
     _save(figure, figures / "stages.png")
     verify = stages[stages["stage"] == "verify"][["k", "ms_median"]].to_dict("records")
     return {"rows": table.to_dict("records"), "verify": verify, "costs": _step_costs(stages), "scale": str(stages["scale"].iloc[0]),
