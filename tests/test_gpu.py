@@ -46,3 +46,17 @@ def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed,
         draft_engine, _ = _engine(draft, torch.randn(1, 12, 32, device="cuda"))
         result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, VOCAB, VOCAB + 2), k, 20, 2, Sampler())
         assert result.output_ids == reference
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_draft_on_a_second_gpu_stays_lossless():
+    torch.manual_seed(5)
+    target = VideoLlavaStages(VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB))
+                              .eval().to("cuda:0"))  # fmt: skip
+    draft = EventGPTStages(EventGPTForCausalLM(tiny_eventgpt_config(VOCAB)).eval().to("cuda:1"))
+    engine, prefill = _engine(target, torch.randn(1, 40, 32, device="cuda:0"))
+    reference = decode_target(engine, prefill.logits, 20, 2, Sampler()).output_ids
+    engine.rewind(40)
+    draft_engine, _ = _engine(draft, torch.randn(1, 12, 32, device="cuda:1"))
+    result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, VOCAB, VOCAB + 2), 3, 20, 2, Sampler())
+    assert result.output_ids == reference

@@ -75,7 +75,7 @@ def _speculate(args: argparse.Namespace) -> None:
 
     settings = from_mapping(SpecSettings, args.settings, "--settings")
     pair = load_pair(args.draft, args.target, args.draft_tokenizer, args.target_tokenizer, DTYPES[settings.dtype],
-                     settings.device)  # fmt: skip
+                     settings.device, settings.draft_device)  # fmt: skip
     head = None
     if "feature" in settings.methods:
         head = load_head(args.adapter_dir / "head.safetensors").to(settings.device, DTYPES[settings.dtype])

@@ -93,9 +93,9 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
 
 def load_pair(draft: str | Path, target: str | Path, draft_tokenizer: str | Path, target_tokenizer: str | Path,
-              dtype: torch.dtype = torch.float32, device: str = "cpu") -> ModelPair:  # fmt: skip
-    """Load a pair from local directories, checking the target tokenizer has its special tokens."""
+              dtype: torch.dtype = torch.float32, device: str = "cpu", draft_device: str | None = None) -> ModelPair:  # fmt: skip
+    """Load a pair from local directories (the draft on `draft_device` if given), checking the target tokenizer."""
     target_tok = load_tokenizer(target_tokenizer)
     require_tokens(target_tok, ("<video>",), target_tokenizer)
-    return ModelPair(load_eventgpt(draft, dtype).to(device), load_video_llava(target, dtype).to(device),
+    return ModelPair(load_eventgpt(draft, dtype).to(draft_device or device), load_video_llava(target, dtype).to(device),
                      load_tokenizer(draft_tokenizer), target_tok)  # fmt: skip

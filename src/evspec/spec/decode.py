@@ -110,7 +110,9 @@ def decode_speculative(target: FastLlama, prefill: "FastOutputLike", drafter: Dr
     while not _done(tokens, max_new_tokens, eos_token_id):
         base = target.length
         draft_ids, draft_probs = drafter.propose(k, sampler)
-        verify_ids = torch.cat([torch.tensor([tokens[-1]], device=draft_ids.device), draft_ids])[None]
+        draft_ids = draft_ids.to(target.device, non_blocking=True)  # a no-op unless the draft has its own GPU
+        draft_probs = None if draft_probs is None else draft_probs.to(target.device, non_blocking=True)
+        verify_ids = torch.cat([torch.tensor([tokens[-1]], device=target.device), draft_ids])[None]
         out = target.step(verify_ids)  # logits [1, k + 1, V]: row i predicts what follows verify_ids[i]
         n_accepted, bonus = _accept(out.logits[0], draft_ids, draft_probs, sampler)
         kept = draft_ids[:n_accepted].tolist() + [bonus]

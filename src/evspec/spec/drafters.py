@@ -72,8 +72,10 @@ class HeadDrafter:
     def __init__(self, head: DraftHead, event_tokens: torch.Tensor | None, embed_tokens: nn.Embedding,
                  lm_head: nn.Linear, common_vocab: int) -> None:  # fmt: skip
         self.head, self.embed_tokens, self.lm_head = head, embed_tokens, lm_head
-        self.dtype = next(head.parameters()).dtype
-        self.prefix = head.event_prefix(None if event_tokens is None else event_tokens[None].to(self.dtype))
+        parameter = next(head.parameters())
+        self.dtype = parameter.dtype
+        events = None if event_tokens is None else event_tokens[None].to(parameter.device, self.dtype)
+        self.prefix = head.event_prefix(events)
         self.common_vocab = common_vocab
         self.target_vocab = lm_head.out_features
 

@@ -12,6 +12,9 @@ preprocessing are not timed), each method answers the clip's question from scrat
                   second CUDA stream; sequential on CPU, said in the `overlapped` column);
                   the drafts are verified right after the prefill, then `token` continues
 
+With `draft_device` set (e.g. "cuda:1") the draft runs on a second GPU and `prefill` overlaps
+across the two GPUs instead of two streams; draft tokens cross to the target's GPU per cycle.
+
 `ttft_ms` is the time to the first answer token, `total_ms` to the whole answer; both
 include vision and prefill. A method that cannot run on this pair is recorded with the
 reason in `status` instead of numbers.
@@ -61,6 +64,7 @@ class SpecSettings:
     max_clips: int = 0  # 0: every clip of the split
     seed: int = 0
     device: str = "cpu"
+    draft_device: str | None = None  # e.g. "cuda:1": the draft on a second GPU (prefill overlaps across GPUs)
     dtype: str = "float32"
     threads: int = 2
 
@@ -82,16 +86,16 @@ class Clip:
 
 
 class Stopwatch:
-    """Milliseconds since construction, read after synchronising the device (outside decode loops)."""
+    """Milliseconds since construction, read after synchronising the devices (outside decode loops)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, *devices: torch.device) -> None:
+        self.devices = {d for d in devices if d.type == "cuda"}
         self._sync()
         self.started = time.perf_counter()
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for device in self.devices:
+            torch.cuda.synchronize(device)
 
     def ms(self) -> float:
         self._sync()
@@ -114,6 +118,7 @@ class Runner:
         self.target_vocab = self.target.lm_head.out_features
         self.eos = pair.target_tokenizer.eos_token_id
         self.generator = torch.Generator(self.device).manual_seed(settings.seed)
+        self.draft_device = torch.device(settings.draft_device or settings.device)
         self.overlapped = self.device.type == "cuda"
 
     def sampler(self) -> Sampler:
@@ -121,7 +126,7 @@ class Runner:
 
     def run(self, method: str, clip: Clip, k: int) -> tuple[Decoded, float, float]:
         """(decoded answer, ttft_ms, total_ms) of `method` answering `clip` from scratch."""
-        clock = Stopwatch(self.device)
+        clock = Stopwatch(self.device, self.draft_device)
         if method in ("hf-generate", "hf-assisted"):
             decoded = self._hf(clip, k if method == "hf-assisted" else 0)
             return decoded, float("nan"), clock.ms()
@@ -165,7 +170,8 @@ class Runner:
             draft_step = lambda: (self.draft_engine.step(draft_token), self.draft_engine.rewind(draft_length))  # noqa: E731
         target_length = self.target_engine.length
         target_step = lambda: (self.target_engine.step(token), self.target_engine.rewind(target_length))  # noqa: E731
-        return _median_ms(draft_step, self.device, repeats) / _median_ms(target_step, self.device, repeats)
+        devices = (self.device, self.draft_device)
+        return _median_ms(draft_step, devices, repeats) / _median_ms(target_step, devices, repeats)
 
     def _prefill(self, stages: LanguageStages, engine: FastLlama, tokenizer, question: str, pixels: torch.Tensor,
                  visual: torch.Tensor | None = None):  # fmt: skip
@@ -182,7 +188,8 @@ class Runner:
         if self.settings.temperature != 0:
             raise ValueError("the prefill method drafts ahead greedily: run it at temperature 0")
         target_visual = self.target.project(self.target.encode_vision(clip.frames))  # queued on the main stream
-        side = torch.cuda.Stream(self.device) if self.overlapped else None
+        # on one GPU the draft runs on a side stream; on its own GPU its queue is already separate
+        side = torch.cuda.Stream(self.device) if self.overlapped and self.draft_device == self.device else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side) if side is not None else _nothing():
@@ -217,11 +224,11 @@ class Runner:
         return Decoded(new, target_forwards=len(new) if not k else None)  # assisted: transformers does not say
 
 
-def _median_ms(function, device: torch.device, repeats: int) -> float:
+def _median_ms(function, devices: tuple[torch.device, ...], repeats: int) -> float:
     function()  # warm-up (captures a graph on first use)
     times = []
     for _ in range(repeats):
-        clock = Stopwatch(device)
+        clock = Stopwatch(*devices)
         function()
         times.append(clock.ms())
     return float(np.median(times))
@@ -313,10 +320,11 @@ def _shard_clips(data_dir: Path, settings: SpecSettings, shard: int, n_shards: i
 def _load_clip(row, frames, events, pair: ModelPair, settings: SpecSettings, source: Path) -> Clip:
     """Read and preprocess one clip on the host, then move it to the device (neither is timed)."""
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
+    draft_device = torch.device(settings.draft_device or settings.device)
     clip_frames, clip_events = frames[row.tensor_index], events[row.tensor_index]
     target_size = pair.target.config.vision_config.image_size
     draft_size = pair.draft.config.vision_config.image_size
     check_images(clip_frames, 8, f"frames of {row.sample_id}", source)
     check_images(clip_events, pair.draft.config.n_event_images, f"event images of {row.sample_id}", source)
     return Clip(row.sample_id, row.question, clip_preprocess(clip_frames, target_size).to(device, dtype),
-                clip_preprocess(clip_events, draft_size).to(device, dtype))
+                clip_preprocess(clip_events, draft_size).to(draft_device, dtype))
