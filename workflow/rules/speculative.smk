@@ -23,7 +23,8 @@ rule speculate:
         code=code_version(*CORE_MODULES, "spec", "models", "adapter"),
     threads: SPEC_CONFIG["threads"]
     resources:
-        gpu=1 if MODELS["device"] == "cuda" else 0,
+        # one GPU per shard; two when the draft has its own (speculative.draft_device)
+        gpu=(2 if SPEC_CONFIG["draft_device"] else 1) if MODELS["device"] == "cuda" else 0,
     log:
         f"{LOGS}/speculate/shard-{{shard}}.log",
     benchmark:
