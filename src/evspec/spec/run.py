@@ -72,6 +72,8 @@ class SpecSettings:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+        if "target" not in self.methods:
+            raise ValueError("methods must include 'target': every speedup and lossless check is against it")
         for method in set(self.methods) & set(DRAFTING):
             if not self.draft_lengths.get(method):
                 raise ValueError(f"draft_lengths needs a list of k for {method!r}")
@@ -133,7 +135,7 @@ class Runner:
         if method == "prefill":
             prefill, drafter = self._prefill_overlapped(clip, k)
         else:
-            prefill = self._prefill(self.target, self.target_engine, self.pair.target_tokenizer, clip.question, clip.frames)
+            prefill = self._target_prefill(clip)
         first_token_ms = clock.ms()
         if method == "target":
             decoded = decode_target(self.target_engine, prefill.logits, self.settings.max_new_tokens, self.eos,
@@ -144,9 +146,7 @@ class Runner:
             self._prefill(self.draft, self.draft_engine, self.pair.draft_tokenizer, clip.question, clip.events)
             drafter = TokenDrafter(self.draft_engine, self.common_vocab, self.target_vocab)
         elif method == "feature":
-            events = self.draft.project(self.draft.encode_vision(clip.events))
-            drafter = HeadDrafter(self.head, events, self.target.language_model.embed_tokens, self.target.lm_head,
-                                  self.common_vocab)  # fmt: skip
+            drafter = self._head_drafter(clip)
         decoded = decode_speculative(self.target_engine, prefill, drafter, k, self.settings.max_new_tokens, self.eos,
                                      self.sampler())  # fmt: skip
         decoded.target_forwards += 1
@@ -154,12 +154,10 @@ class Runner:
 
     def cost_ratio(self, method: str, clip: Clip, repeats: int = 10) -> float:
         """c: one draft token's time over one target decode step's, both on their fast paths."""
-        prefill = self._prefill(self.target, self.target_engine, self.pair.target_tokenizer, clip.question, clip.frames)
+        prefill = self._target_prefill(clip)
         token = prefill.logits[:, -1].argmax(-1).view(1, 1)
         if method == "feature":
-            events = self.draft.project(self.draft.encode_vision(clip.events))
-            drafter = HeadDrafter(self.head, events, self.target.language_model.embed_tokens, self.target.lm_head,
-                                  self.common_vocab)  # fmt: skip
+            drafter = self._head_drafter(clip)
             drafter.start(int(token), prefill.hidden[0, -1])
             draft_step = lambda: drafter.propose(1, Sampler())  # noqa: E731 (stateless: recomputes from commits)
         else:
@@ -172,6 +170,15 @@ class Runner:
         target_step = lambda: (self.target_engine.step(token), self.target_engine.rewind(target_length))  # noqa: E731
         devices = (self.device, self.draft_device)
         return _median_ms(draft_step, devices, repeats) / _median_ms(target_step, devices, repeats)
+
+    def _target_prefill(self, clip: Clip):
+        return self._prefill(self.target, self.target_engine, self.pair.target_tokenizer, clip.question, clip.frames)
+
+    def _head_drafter(self, clip: Clip) -> HeadDrafter:
+        """The draft head, reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
+        events = self.draft.project(self.draft.encode_vision(clip.events))
+        return HeadDrafter(self.head, events, self.target.language_model.embed_tokens, self.target.lm_head,
+                           self.common_vocab)  # fmt: skip
 
     def _prefill(self, stages: LanguageStages, engine: FastLlama, tokenizer, question: str, pixels: torch.Tensor,
                  visual: torch.Tensor | None = None):  # fmt: skip
@@ -259,7 +266,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
                              for c in loaded)  # fmt: skip
             runner = Runner(pair, head, settings, max_prompt)
         reference = None
-        for method in settings.methods:
+        for method in sorted(settings.methods, key=lambda m: m != "target"):  # the reference first
             for k in settings.draft_lengths.get(method, [0]) if method in DRAFTING else [0]:
                 row = _run_one(runner, method, clip, k, settings)
                 if method == "target":
