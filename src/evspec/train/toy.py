@@ -76,8 +76,8 @@ def train_toy(manifest_path: Path, tensors_path: Path, out_dir: Path, metrics_pa
     manifest = pd.read_parquet(manifest_path)
     if manifest["gt_shape"].isna().any():
         raise InputError(manifest_path, "train-toy needs the synthetic world's ground truth (gt_* columns are empty)")
-    train_rows = manifest.index[manifest["split"] == "train"].to_numpy()
-    test_rows = manifest.index[manifest["split"] == "test"].to_numpy()
+    train_rows = manifest.index[manifest["split"] == "train"].to_numpy(copy=True)  # pandas 3 views are read-only
+    test_rows = manifest.index[manifest["split"] == "test"].to_numpy(copy=True)
     if len(train_rows) == 0 or len(test_rows) == 0:
         raise InputError(manifest_path, "train-toy needs clips in both the train and the test split")
     events, frames = _load_images(tensors_path, manifest)
