@@ -53,7 +53,8 @@ def summarize(spec_dir: Path, out_path: Path) -> dict:
             entry["status"] = str(group["status"].iloc[0])
             summary["methods"].append(entry)
             continue
-        joined = ran.set_index("sample_id").join(target[["total_ms", "ttft_ms", "output_ids"]], rsuffix="_target")
+        joined = ran.merge(target[["total_ms", "ttft_ms", "output_ids"]], left_on="sample_id", right_index=True,
+                           suffixes=("", "_target")).set_index("sample_id")
         speedup = (joined["total_ms_target"] / joined["total_ms"]).to_numpy()
         entry.update(status="ok", speedup_median=float(np.median(speedup)),
                      speedup_ci95=bootstrap_median_interval(speedup), ttft_ms_median=_median(ran["ttft_ms"]),
