@@ -69,7 +69,7 @@ def _train_adapter(args: argparse.Namespace) -> None:
 
 def _speculate(args: argparse.Namespace) -> None:
     from evspec.adapter.modules import load_head
-    from evspec.features.extract import DTYPES
+    from evspec.models.checkpoint import DTYPES
     from evspec.models.toy import load_pair
     from evspec.spec.run import SpecSettings, speculate
 

@@ -29,6 +29,7 @@ from transformers import VideoLlavaForConditionalGeneration
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.atomic import atomic_output
 from evspec.models.configs import eventgpt_7b_config, random_model, video_llava_7b_config
+from evspec.models.checkpoint import DTYPES
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.splice import embed_with_visual_tokens
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
@@ -39,7 +40,6 @@ from evspec.spec.fast_llama import FastLlama
 from evspec.world.scene import QUESTIONS
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,14 @@ import torch
 from tqdm import tqdm
 
 from evspec.errors import InputError
-from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample
+from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample, sample_key
 from evspec.fingerprint import code_version, model_fingerprint, settings_digest
 from evspec.h5 import open_h5, require_dataset
-from evspec.models.checkpoint import load_eventgpt, load_video_llava
+from evspec.models.checkpoint import DTYPES, load_eventgpt, load_video_llava
 from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.toy import load_tokenizer
-from evspec.models.tokenizer import require_tokens
+from evspec.models.tokenizer import readable_ids, require_tokens
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ MODELS = {  # model name -> (role, loader, stages, tensors.h5 dataset it reads)
     "video_llava": ("target", load_video_llava, VideoLlavaStages, "frames"),
     "eventgpt": ("draft", load_eventgpt, EventGPTStages, "event_images"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
     stages = stages_class(load(model_dir, DTYPES[settings.dtype]).to(settings.device))
     writer = FeatureWriter(out_path, fingerprint, settings.precision)
     try:
-        todo = manifest[~manifest["sample_id"].map(lambda i: i.replace("/", "~")).isin(writer.done)]
+        todo = manifest[~manifest["sample_id"].map(sample_key).isin(writer.done)]
         if len(todo) < len(manifest):
             log.info("resuming %s: %d of %d clips already done", out_path, len(manifest) - len(todo), len(manifest))
         with open_h5(tensors_path) as handle:
@@ -135,8 +134,7 @@ def _record(stages: LanguageStages, tokenizer, row, vision: torch.Tensor, projec
         answer_ids, hidden = stages.greedy_with_hidden(prompt, projected, settings.max_new_tokens, tokenizer.eos_token_id)
     else:
         answer_ids = answers[row.sample_id]
-        vocabulary = stages.lm_head.out_features
-        forced = [i if i < vocabulary else tokenizer.unk_token_id for i in answer_ids]  # target-only ids
+        forced = readable_ids(answer_ids, stages.lm_head.out_features, tokenizer.unk_token_id)
         hidden = stages.teacher_forced_hidden(prompt, projected, forced)
     record = {"answer_ids": np.asarray(answer_ids), "hidden": _numpy(hidden)}
     if role == "draft" or settings.fields == "all":

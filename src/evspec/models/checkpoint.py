@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, VideoLlavaForConditionalGeneration
 from evspec.errors import InputError
 from evspec.models.eventgpt import EventGPTForCausalLM
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config name -> dtype
 MAX_NAMES = 8  # keys listed per kind of mismatch; the count says how many more
 
 

@@ -51,3 +51,9 @@ def require_tokens(tokenizer: PreTrainedTokenizerFast, tokens: Iterable[str], so
     if missing:
         raise InputError(source, f"tokenizer lacks the special tokens {missing}")
     return {token: vocabulary[token] for token in tokens}
+
+
+def readable_ids(ids: Iterable[int], vocabulary_size: int, unknown_id: int) -> list[int]:
+    """`ids` as a model with `vocabulary_size` embeddings can read them: ids only the other model has
+    (the target's `<image>`, `<video>`, `<pad>`) become `unknown_id`."""
+    return [i if i < vocabulary_size else unknown_id for i in ids]

@@ -17,13 +17,12 @@ only the target has stay reachable through the residual and the bonus token.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from evspec.spec.fast_llama import FastLlama
+from evspec.spec.fast_llama import FastLlama, FastOutput
 
 
 @dataclass
@@ -100,7 +99,7 @@ def decode_target(target: FastLlama, prefill_logits: torch.Tensor, max_new_token
     return result
 
 
-def decode_speculative(target: FastLlama, prefill: "FastOutputLike", drafter: Drafter, k: int, max_new_tokens: int,
+def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter, k: int, max_new_tokens: int,
                        eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
     """Draft k, verify k + 1, keep the agreed prefix plus one target token; repeat."""
     first = sampler.pick(prefill.logits[:, -1])
@@ -148,19 +147,3 @@ def _accept(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Te
         return k, int(sampler.draw(p[k]))
     residual = (p[n_accepted] - draft_probs[n_accepted]).clamp_min(0)
     return n_accepted, int(sampler.draw(residual / residual.sum()))
-
-
-class FastOutputLike(Protocol):
-    logits: torch.Tensor
-    hidden: torch.Tensor
-
-
-def timed(function, *args, device: torch.device, **kwargs):
-    """(result, milliseconds) with the device synchronised around the call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, (time.perf_counter() - started) * 1000

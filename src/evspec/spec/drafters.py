@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from evspec.adapter.modules import DraftHead
+from evspec.models.tokenizer import readable_ids
 from evspec.spec.decode import Sampler
 from evspec.spec.fast_llama import FastLlama
 
@@ -47,7 +48,7 @@ class TokenDrafter:
         self.pending = [first_token]
 
     def propose(self, k: int, sampler: Sampler):
-        readable = [t if t < self.draft_vocab else self.unknown_id for t in self.pending]
+        readable = readable_ids(self.pending, self.draft_vocab, self.unknown_id)
         out = self.draft.step(torch.tensor([readable], device=self.draft.device))
         self.base = self.draft.length
         ids, probs = [], []

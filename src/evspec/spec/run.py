@@ -36,7 +36,7 @@ from tqdm import tqdm
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.atomic import atomic_output
 from evspec.errors import InputError
-from evspec.features.extract import DTYPES
+from evspec.models.checkpoint import DTYPES
 from evspec.h5 import open_h5, require_dataset
 from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.splice import embed_with_visual_tokens
@@ -199,7 +199,7 @@ class Runner:
         side = torch.cuda.Stream(self.device) if self.overlapped and self.draft_device == self.device else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side) if side is not None else _nothing():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             draft_prefill = self._prefill(self.draft, self.draft_engine, self.pair.draft_tokenizer, clip.question,
                                           clip.events)  # fmt: skip
             prompt_length = self.draft_engine.length
@@ -239,11 +239,6 @@ def _median_ms(function, devices: tuple[torch.device, ...], repeats: int) -> flo
         function()
         times.append(clock.ms())
     return float(np.median(times))
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings: SpecSettings, shard: int,
