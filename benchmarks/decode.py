@@ -28,9 +28,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.bench.stages import Timer
 from evspec.models.configs import VICUNA_7B
-from evspec.spec.decode import Sampler
 from evspec.spec.drafters import HeadDrafter
 from evspec.spec.fast_llama import FastLlama
+from evspec.spec.sampling import Sampler
 
 
 def median_ms(function, repeats: int) -> float:
@@ -112,10 +112,10 @@ def main() -> None:
     head = DraftHead(HeadConfig(hidden_size=4096, event_size=4096, n_heads=32, intermediate_size=11008,
                                 adapter_hidden_size=4096)).to("cuda", torch.bfloat16).eval()  # fmt: skip
     drafter = HeadDrafter(head, torch.randn(582, 4096, device="cuda", dtype=torch.bfloat16), model.model.embed_tokens,
-                          model.lm_head, 32000)  # fmt: skip
+                          model.lm_head, Sampler())  # fmt: skip
     drafter.start(int(token), prefill.hidden[0, -1])
     drafter.commit(list(range(100, 119)), torch.randn(19, 4096, device="cuda", dtype=torch.bfloat16))  # 20 answered
-    head_ms = median_ms(lambda: drafter.propose(1, Sampler()), args.repeats)
+    head_ms = median_ms(lambda: drafter.propose(1), args.repeats)
 
     rows = [("floor (weights + KV) / copy bandwidth", floor_ms)]
     rows += [(f"engine step, {name} (CUDA graph)", v["step_ms"]) for name, v in variants.items()]

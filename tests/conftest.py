@@ -79,7 +79,7 @@ def tiny_features(tiny_pair_dir, tiny_data, tmp_path_factory) -> Path:
     extract_features("video_llava", tiny_pair_dir / "target", tiny_pair_dir / "target_tokenizer", tiny_data,
                      out / "video_llava.h5", settings)  # fmt: skip
     extract_features("eventgpt", tiny_pair_dir / "draft", tiny_pair_dir / "draft_tokenizer", tiny_data,
-                     out / "eventgpt.h5", settings, out / "video_llava.h5")  # fmt: skip
+                     out / "eventgpt.h5", settings, out / "video_llava.h5", tiny_pair_dir / "target_tokenizer")  # fmt: skip
     return out
 
 

@@ -50,7 +50,7 @@ def test_checkpoints_carry_their_config_and_reproduce_the_adapter_row(adapter_di
                       FeatureSettings(**TINY_FEATURES_KW))["test"]  # fmt: skip
     from evspec.adapter.train import FrozenTarget
 
-    lm_head = FrozenTarget.load(tiny_pair_dir / "target", "cpu").lm_head
+    lm_head = FrozenTarget.load(tiny_pair_dir / "target").lm_head
     with torch.no_grad():
         row = alignment_metrics([adapter(c.draft_hidden) for c in test], [c.target_hidden for c in test],
                                 [c.answer_ids for c in test], lm_head)  # fmt: skip

@@ -38,3 +38,25 @@ def test_wrong_image_count_or_layout_is_named():
         check_images(np.zeros((7, 3, 4, 4), np.uint8), 8, "frames", "tensors.h5")
     with pytest.raises(InputError, match="must be \\[N, 3, H, W\\] RGB"):
         check_images(np.zeros((8, 4, 4, 3), np.uint8), 8, "frames", "tensors.h5")
+
+
+def _pil_clip_processor(size: int):
+    """transformers' PIL-backed CLIP processor (the reference the real models were trained with)."""
+    try:  # transformers >= 5.2x names the PIL backend; older 5.x has only the PIL one
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+@pytest.mark.parametrize("height, width", [(1080, 1440), (480, 601), (601, 480), (37, 91), (64, 64)])
+def test_preprocessing_equals_transformers_processors(height, width):
+    """EventGPT: CLIPImageProcessor at 336; Video-LLaVA: VideoLlavaImageProcessor at 224 (odd sizes included:
+    1440x1080 floors its long side to 298 at 224 px, 480x601 to 420 at 336 px)."""
+    from transformers import VideoLlavaImageProcessor
+
+    images = np.random.default_rng(height * width).integers(0, 256, (2, 3, height, width), dtype=np.uint8)
+    channels_last = [image.transpose(1, 2, 0) for image in images]
+    for size, processor in ((336, _pil_clip_processor(336)), (224, VideoLlavaImageProcessor())):
+        reference = next(iter(processor(channels_last, return_tensors="pt").values()))
+        torch.testing.assert_close(clip_preprocess(images, size), reference.reshape(2, 3, size, size), atol=1e-6, rtol=0)

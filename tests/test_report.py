@@ -12,8 +12,8 @@ from evspec.report.render import render_reports
 
 def _spec_entry(method, k, speedup, **extra):
     return {"method": method, "k": k, "n_clips": 4, "status": "ok", "speedup_median": speedup,
-            "speedup_ci95": [speedup - 0.1, speedup + 0.2], "ttft_ms_median": 11.5, "total_ms_median": 20.0,
-            "tau": 1.0, "exact_match_rate": 1.0, "first_divergence": None, **extra}  # fmt: skip
+            "speedup_ci95": [speedup - 0.1, speedup + 0.2], "ttft_ms_median": 11.5, "draft_setup_ms_median": 0.0,
+            "total_ms_median": 20.0, "tau": 1.0, "exact_match_rate": 1.0, "first_divergence": None, **extra}  # fmt: skip
 
 
 @pytest.fixture
@@ -27,12 +27,15 @@ def results(tmp_path):
     pd.DataFrame({"sample_id": ["s3/0"], "sequence": ["s3"], "n_events": [5], "reason": ["few"]}).to_parquet(
         root / "data" / "skipped.parquet")
     (root / "spec").mkdir()
-    summary = {"n_clips": 4, "device": "NVIDIA H100 80GB HBM3", "temperature": 0.0, "target_step_ms": 6.378,
+    summary = {"n_clips": 4, "device": "NVIDIA H100 80GB HBM3", "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+               "greedy": True, "target_decode_ms_per_token": 6.378,
+               "answer_tokens": {"median": 41.0, "p10": 12.0, "p90": 80.0, "total": 170},
                "tau_definition": "new tokens / target forwards",
                "methods": [_spec_entry("target", 0, 1.0),
                            _spec_entry("feature", 4, 1.87, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
-                                       predicted_decode_speedup=2.61, cost_ratio=0.141,
-                                       acceptance_by_position=[0.9, 0.8, 0.7, 0.6],
+                                       decode_speedup_ci95=[2.4, 2.6], predicted_decode_speedup=2.61, cost_ratio=0.141,
+                                       verify_ratio=1.18, tokens_per_cycle=3.41, cycles=100,
+                                       accepted_by_position=[90, 80, 70, 60],
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
@@ -60,18 +63,23 @@ def results(tmp_path):
 def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_path):
     pages = render_reports(results, {"run": "fixture"}, {"target": str(tmp_path / "none")}, tmp_path / "reports")
     text = {page.stem: page.read_text() for page in pages}
-    assert "| feature | 4 | 1.87x | 1.77-2.07 | 3.21 | 81.2% | 100.0% |" in text["index"]
+    assert "| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 3.21 | 81.2% | 100.0% of clips identical |" in text["index"]
     assert "| hf-assisted | 4 | not run | not run: ValueError: nope |" in text["index"]
+    assert "target answers of median 41 tokens" in text["index"]
     assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
     assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
     assert "median 600, P10 440, P90 760" in text["data"]
     assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 19.66 | 8.00 | 4.840 |" in text["stages"]
-    # projection: E(0.8125, 4) = (1 - 0.8125^5) / 0.1875 = 3.4448 tokens per 4 x 1.0 + 10.0 ms; 8.0 ms per step
-    assert "| feature | 4 | 81.2% | 0.125 | 1.25 | 3.44 | 1.97x |" in text["speculative"]
+    # projection: E = 1 + .9 + .9*.889 + .9*.889*.875 + .9*.889*.875*.857 = 1 + .9 + .8 + .7 + .6 = 4.00 tokens
+    # per cycle of 4 x 1.0 ms (head) + 10.0 ms (verify) at 8.0 ms per step: c = 0.125, v = 1.25, 4.0 / 1.75 = 2.29
+    # (the independent formula at alpha = 0.8125 would say 3.44 tokens)
+    assert "| feature | 4 | 90.0%, 88.9%, 87.5%, 85.7% | 0.125 | 1.25 | 4.00 | 2.29x |" in text["speculative"]
     assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]
     assert "| identity | skipped: widths differ |" in text["alignment"]
     assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]
-    assert "| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 2.61 | 0.141 | 3.21 | 81.2% |" in text["speculative"]
+    assert ("| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 2.40-2.60 | 2.61 | 0.141 | 1.18 | 3.41 | 3.21 | 81.2% | 11.50 | 0.00"
+            " | 20.00 | 100.0% of clips identical |") in text["speculative"]
+    assert "| feature | 4 | 100 | 90, 80, 70, 60 | 90.0%, 88.9%, 87.5%, 85.7% |" in text["speculative"]
     assert "6.378 ms" in text["speculative"]
     for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"

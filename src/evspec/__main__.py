@@ -55,7 +55,8 @@ def _extract_features(args: argparse.Namespace) -> None:
     from evspec.features.extract import FeatureSettings, extract_features
 
     settings = from_mapping(FeatureSettings, args.settings, "--settings")
-    extract_features(args.model, args.checkpoint, args.tokenizer, args.data_dir, args.out, settings, args.answers)
+    extract_features(args.model, args.checkpoint, args.tokenizer, args.data_dir, args.out, settings, args.answers,
+                     args.target_tokenizer)
 
 
 def _train_adapter(args: argparse.Namespace) -> None:
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--data-dir", type=Path, required=True, help="holds manifest.parquet and tensors.h5")
     features.add_argument("--out", type=Path, required=True, help="features/{model}.h5 to write")
     features.add_argument("--answers", type=Path, help="the target's cache (the draft is teacher-forced along it)")
+    features.add_argument("--target-tokenizer", type=Path, help="the draft: the target's tokenizer (shared ids)")
     features.add_argument("--settings", default="{}", help="JSON object of FeatureSettings")
     features.set_defaults(handler=_extract_features)
 

@@ -41,6 +41,7 @@ rule extract_draft_features:
     params:
         checkpoint=model_paths()["draft"],
         tokenizer=model_paths()["draft_tokenizer"],
+        target_tokenizer=model_paths()["target_tokenizer"],
         data_dir=f"{RESULTS}/data",
         settings=FEATURE_SETTINGS,
         code=FEATURE_CODE,
@@ -53,4 +54,4 @@ rule extract_draft_features:
     shell:
         "{EVSPEC} extract-features --model eventgpt --checkpoint {params.checkpoint}"
         " --tokenizer {params.tokenizer} --data-dir {params.data_dir} --settings {params.settings:q}"
-        " --answers {input.answers} --out {output} 2> {log}"
+        " --answers {input.answers} --target-tokenizer {params.target_tokenizer} --out {output} 2> {log}"

@@ -13,6 +13,7 @@ curves go to curves.png. Seeds are fixed, so a rerun on the same features is ide
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -66,12 +67,19 @@ class FrozenTarget:
     language_model_parameters: int
 
     @classmethod
-    def load(cls, directory: Path, device: str) -> FrozenTarget:
+    def load(cls, directory: Path) -> FrozenTarget:
+        """On the CPU, where the held-out evaluation runs."""
         model = load_video_llava(directory)
         language = model.model.language_model
         parameters = sum(p.numel() for p in language.parameters()) + model.lm_head.weight.numel()
-        lm_head, embed = model.lm_head.to(device).requires_grad_(False), language.embed_tokens.to(device).requires_grad_(False)
-        return cls(lm_head, embed, parameters)
+        return cls(model.lm_head.requires_grad_(False), language.embed_tokens.requires_grad_(False), parameters)
+
+    def on(self, device: str) -> FrozenTarget:
+        """A copy on the training device (`Module.to` moves in place, and evaluation needs the CPU one)."""
+        if torch.device(device).type == "cpu":
+            return self
+        return FrozenTarget(copy.deepcopy(self.lm_head).to(device), copy.deepcopy(self.embed_tokens).to(device),
+                            self.language_model_parameters)  # fmt: skip
 
 
 def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_dir: Path,
@@ -79,8 +87,9 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
     torch.set_num_threads(settings.threads)
     clips = load_clips(features_dir, data_dir, target_dir, draft_dir, feature_settings)
     train, test = clips["train"], clips["test"]
-    target = FrozenTarget.load(target_dir, settings.device)
-    lm_head = target.lm_head.cpu()
+    target = FrozenTarget.load(target_dir)
+    lm_head = target.lm_head
+    training_target = target.on(settings.device)
     rows, curves, checkpoints = {}, {}, {}
 
     # 1. Alignment rows: predict h_t[i] from h_d[i], judged by lm_head agreement with a[i].
@@ -93,7 +102,7 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
     weight, bias = _ridge(train, settings.ridge)
     rows["linear"] = alignment_metrics([c.draft_hidden @ weight + bias for c in test], actual, tokens, lm_head)
     checkpoints["linear"] = ({"weight": weight.T.contiguous(), "bias": bias}, {"kind": "linear", "ridge": settings.ridge})
-    adapter, curves["adapter"] = _train_adapter(train, target, settings)
+    adapter, curves["adapter"] = _train_adapter(train, training_target, settings)
     with torch.no_grad():
         rows["adapter"] = alignment_metrics([adapter(c.draft_hidden) for c in test], actual, tokens, lm_head)
     checkpoints["adapter"] = (adapter.state_dict(), asdict(adapter.config))
@@ -103,7 +112,7 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
         config = HeadConfig(hidden_size=train[0].target_hidden.shape[-1], event_size=train[0].event_tokens.shape[-1],
                             n_heads=settings.head_heads, intermediate_size=settings.head_intermediate_size,
                             use_events=use_events, adapter_hidden_size=settings.adapter_hidden_size)  # fmt: skip
-        head, curves[name] = _train_head(config, train, target, settings)
+        head, curves[name] = _train_head(config, train, training_target, settings)
         rows[name] = _head_metrics(head, test, target, settings.eval_positions)
         rows[name]["parameters"] = sum(p.numel() for p in head.parameters())
         rows[name]["cost_ratio_parameters"] = rows[name]["parameters"] / target.language_model_parameters
@@ -220,7 +229,7 @@ def _head_metrics(head: DraftHead, test: list[ClipFeatures], target: FrozenTarge
     `acceptance_at_position[d]` is conditioned on positions < d being right (what a verifier
     accepts); `accuracy_at_position[d]` is not.
     """
-    lm_head, embed = target.lm_head.cpu(), target.embed_tokens.cpu()
+    lm_head, embed = target.lm_head, target.embed_tokens
     usable = [c for c in test if len(c.answer_ids) > 1]
     predicted, actual, tokens = [], [], []
     correct = [[] for _ in range(positions)]

@@ -34,9 +34,9 @@ from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.splice import embed_with_visual_tokens
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.toy import load_pair
-from evspec.spec.decode import Sampler
 from evspec.spec.drafters import HeadDrafter
 from evspec.spec.fast_llama import FastLlama
+from evspec.spec.sampling import Sampler
 from evspec.world.scene import QUESTIONS
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,10 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
     head = head.to(device, dtype).eval()
     n_events = 582 if settings.scale == "7b" else 70
     drafter = HeadDrafter(head, torch.randn(n_events, draft_size, device=device, dtype=dtype),
-                          stages.language_model.embed_tokens, stages.lm_head, stages.lm_head.out_features)  # fmt: skip
+                          stages.language_model.embed_tokens, stages.lm_head, Sampler())  # fmt: skip
     drafter.start(int(token), prefill.hidden[0, -1])
     drafter.commit(list(range(4, 23)), torch.randn(19, hidden, device=device, dtype=dtype))  # 20 answer tokens so far
-    measured[("draft_head_step", 0)] = timer(lambda: drafter.propose(1, Sampler()))
+    measured[("draft_head_step", 0)] = timer(lambda: drafter.propose(1))
     return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k)
             for (stage, k), times in measured.items()]  # fmt: skip
 

@@ -30,7 +30,7 @@ from evspec.models.checkpoint import DTYPES, load_eventgpt, load_video_llava
 from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.toy import load_tokenizer
-from evspec.models.tokenizer import readable_ids, require_tokens
+from evspec.models.tokenizer import SharedVocabulary, require_tokens
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,20 @@ def expected_fingerprint(model_name: str, model_dir: Path, tensors_path: Path, s
 
 
 def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data_dir: Path, out_path: Path,
-                     settings: FeatureSettings, target_cache: Path | None = None) -> None:  # fmt: skip
-    """Write (or resume) `out_path` for every clip of `data_dir`'s manifest."""
+                     settings: FeatureSettings, target_cache: Path | None = None,
+                     target_tokenizer_dir: Path | None = None) -> None:  # fmt: skip
+    """Write (or resume) `out_path` for every clip of `data_dir`'s manifest.
+
+    The draft is teacher-forced along the target's answers (`target_cache`); target ids it does
+    not share (by the two tokenizers, `target_tokenizer_dir`) are fed to it as `<unk>`.
+    """
     if model_name not in MODELS:
         raise InputError("--model", f"unknown model {model_name!r}; known: {sorted(MODELS)}")
     role, load, stages_class, dataset_name = MODELS[model_name]
     if role == "draft" and target_cache is None:
         raise InputError("--answers", "the draft is teacher-forced along the target's answers: give the target's cache")
+    if role == "draft" and target_tokenizer_dir is None:
+        raise InputError("--target-tokenizer", "the draft reads the target's answers: give the target's tokenizer")
     manifest = pd.read_parquet(data_dir / "manifest.parquet")
     tensors_path = data_dir / "tensors.h5"
     answers, answers_digest = {}, None
@@ -91,6 +98,11 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
     tokenizer = load_tokenizer(tokenizer_dir)
     require_tokens(tokenizer, [tokenizer.eos_token or "</s>"], tokenizer_dir)
     stages = stages_class(load(model_dir, DTYPES[settings.dtype]).to(settings.device))
+    vocabulary = None
+    if role == "draft":
+        target_tokenizer = load_tokenizer(target_tokenizer_dir)
+        vocabulary = SharedVocabulary.from_tokenizers(tokenizer, target_tokenizer, stages.lm_head.out_features,
+                                                      len(target_tokenizer))  # fmt: skip
     writer = FeatureWriter(out_path, fingerprint, settings.precision)
     try:
         todo = manifest[~manifest["sample_id"].map(sample_key).isin(writer.done)]
@@ -103,7 +115,7 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
                 chunk = todo.iloc[start : start + settings.batch_clips]
                 visual = _visual_tokens(stages, images, chunk, tensors_path, dataset_name)
                 for row, (vision, projected) in zip(chunk.itertuples(), visual):
-                    record = _record(stages, tokenizer, row, vision, projected, settings, role, answers)
+                    record = _record(stages, tokenizer, row, vision, projected, settings, answers, vocabulary)
                     writer.write(row.sample_id, record)
                     progress.update()
             progress.close()
@@ -128,14 +140,16 @@ def _visual_tokens(stages: LanguageStages, images, chunk: pd.DataFrame, source: 
 
 
 def _record(stages: LanguageStages, tokenizer, row, vision: torch.Tensor, projected: torch.Tensor,
-            settings: FeatureSettings, role: str, answers: dict[str, list[int]]) -> dict[str, np.ndarray]:  # fmt: skip
+            settings: FeatureSettings, answers: dict[str, list[int]],
+            vocabulary: SharedVocabulary | None) -> dict[str, np.ndarray]:  # fmt: skip
+    """The target's greedy answer with its states, or (vocabulary given) the draft's states along it."""
     prompt = stages.prompt_ids(tokenizer, row.question)
+    role = "target" if vocabulary is None else "draft"
     if role == "target":
         answer_ids, hidden = stages.greedy_with_hidden(prompt, projected, settings.max_new_tokens, tokenizer.eos_token_id)
     else:
         answer_ids = answers[row.sample_id]
-        forced = readable_ids(answer_ids, stages.lm_head.out_features, tokenizer.unk_token_id)
-        hidden = stages.teacher_forced_hidden(prompt, projected, forced)
+        hidden = stages.teacher_forced_hidden(prompt, projected, vocabulary.readable(answer_ids))
     record = {"answer_ids": np.asarray(answer_ids), "hidden": _numpy(hidden)}
     if role == "draft" or settings.fields == "all":
         record["projected"] = _numpy(projected)

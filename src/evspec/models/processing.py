@@ -1,7 +1,7 @@
 """CLIP image preprocessing for both models, and the shape checks their inputs must pass.
 
 Both models were trained on CLIP's recipe (REFERENCE.md): shortest side to `size`
-(bicubic, through PIL on uint8), centre crop `size` x `size` (no padding to square),
+(bicubic, through PIL on uint8; the long side floored, as transformers computes it), centre crop `size` x `size` (no padding to square),
 scale 1/255, CLIP mean/std. EventGPT uses 336 px, Video-LLaVA 224 px; the toy pair
 uses its tower's `image_size`. The uint8 half (`resize_and_crop`) is split from the
 float half (`normalize`) so training can keep thousands of frames as uint8.
@@ -26,8 +26,10 @@ def resize_and_crop(images: np.ndarray, size: int) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {images.shape}")
     height, width = images.shape[2:]
-    scale = size / min(height, width)
-    resized_hw = (max(size, round(height * scale)), max(size, round(width * scale)))
+    # transformers' get_resize_output_image_size: the long side is floored, int(size * long / short)
+    short, long = min(height, width), max(height, width)
+    long_resized = max(size, int(size * long / short))
+    resized_hw = (size, long_resized) if height <= width else (long_resized, size)
     top, left = (resized_hw[0] - size) // 2, (resized_hw[1] - size) // 2
     out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for index, image in enumerate(images):

@@ -7,7 +7,7 @@ directory laid out as the real checkpoints are:
 
     {directory}/draft/            EventGPT checkpoint (config.json + model.safetensors)
     {directory}/target/           Video-LLaVA checkpoint
-    {directory}/draft_tokenizer/  the shared vocabulary
+    {directory}/draft_tokenizer/  the shared vocabulary + <ev_patch>
     {directory}/target_tokenizer/ shared + <image>, <video>, <pad>
 """
 
@@ -24,7 +24,8 @@ from evspec.models.checkpoint import load_eventgpt, load_video_llava
 from evspec.models.configs import small_vision_config, tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.prompts import VICUNA_V1_SYSTEM
-from evspec.models.tokenizer import TARGET_SPECIALS, build_shared_tokenizer, require_tokens, target_tokenizer
+from evspec.models.tokenizer import (TARGET_SPECIALS, build_shared_tokenizer, draft_tokenizer, require_tokens,
+                                     target_tokenizer)
 from evspec.world.scene import COLOURS, DIRECTIONS, NUMBER_WORDS, QUESTIONS, SHAPES
 
 
@@ -59,21 +60,21 @@ def toy_corpus() -> list[str]:
 def build_toy_pair(shape: ToyShape, n_event_images: int, seed: int) -> ModelPair:
     """Fresh, randomly initialised toy pair (seeded) with its two tokenizers."""
     shared = build_shared_tokenizer(toy_corpus())
-    target_tok = target_tokenizer(shared)
+    draft_tok, target_tok = draft_tokenizer(shared), target_tokenizer(shared)
     ids = require_tokens(target_tok, TARGET_SPECIALS, "toy target tokenizer")
     torch.manual_seed(seed)
     draft = EventGPTForCausalLM(tiny_eventgpt_config(
-        len(shared), n_event_images, small_vision_config(shape.draft_image_size, shape.patch_size,
+        len(draft_tok), n_event_images, small_vision_config(shape.draft_image_size, shape.patch_size,
                                                          shape.vision_hidden_size, shape.vision_layers),
         shape.hidden_size, shape.layers))  # fmt: skip
     target = VideoLlavaForConditionalGeneration(tiny_video_llava_config(
         len(target_tok), ids["<video>"], ids["<image>"],
         small_vision_config(shape.target_image_size, shape.patch_size, shape.vision_hidden_size, shape.vision_layers),
         shape.hidden_size, shape.layers))  # fmt: skip
-    for model, tokenizer in ((draft, shared), (target, target_tok)):
+    for model, tokenizer in ((draft, draft_tok), (target, target_tok)):
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    return ModelPair(draft, target, shared, target_tok)
+    return ModelPair(draft, target, draft_tok, target_tok)
 
 
 def save_pair(pair: ModelPair, directory: Path) -> None:

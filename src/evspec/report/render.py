@@ -26,9 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from evspec.adapter.metrics import expected_tokens_per_cycle  # noqa: E402
 from evspec.atomic import atomic_output  # noqa: E402
 from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
+from evspec.spec.cost import expected_tokens_per_cycle, predicted_decode_speedup  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGES = ("index", "data", "stages", "alignment", "speculative")
@@ -152,10 +152,11 @@ def _step_costs(stages: pd.DataFrame) -> dict:
 
 
 def projection(summary: dict, stages: dict) -> list[dict]:
-    """Decode speedup projected from stage costs (bench/stages.parquet) and the measured acceptance.
+    """Decode-phase speedup projected from stage costs (bench/stages.parquet) and this run's acceptance.
 
-    Per cycle: k draft tokens at c target steps each, then one verify of k + 1 tokens;
-    E(alpha, k) tokens come out. Projected speedup = E * step / (k * c * step + verify(k)).
+    The cost model of `evspec.spec.cost` with the measured conditional acceptance per draft
+    position, c = draft token / target step and v = verify(k + 1 tokens) / target step from
+    the stage timings: E / (k c + v).
     """
     costs = stages["costs"]
     step = costs["target_step_ms"]
@@ -163,13 +164,13 @@ def projection(summary: dict, stages: dict) -> list[dict]:
     rows = []
     for entry in summary["methods"]:
         k, ms = entry["k"], draft_ms.get(entry["method"])
-        if entry.get("alpha") is None or ms is None or step is None or k not in costs["verify_ms"]:
+        rates = entry.get("conditional_acceptance_by_position")
+        if rates is None or ms is None or step is None or k not in costs["verify_ms"]:
             continue
-        cycle_ms = k * ms + costs["verify_ms"][k]
-        tokens = expected_tokens_per_cycle(entry["alpha"], k)
-        rows.append({"method": entry["method"], "k": k, "alpha": entry["alpha"], "c": ms / step,
-                     "verify_over_step": costs["verify_ms"][k] / step, "tokens_per_cycle": tokens,
-                     "projected_speedup": tokens * step / cycle_ms})  # fmt: skip
+        c, v = ms / step, costs["verify_ms"][k] / step
+        rows.append({"method": entry["method"], "k": k, "conditional": rates, "c": c, "verify_over_step": v,
+                     "tokens_per_cycle": expected_tokens_per_cycle(rates),
+                     "projected_speedup": predicted_decode_speedup(rates, c, v)})  # fmt: skip
     return rows
 
 
@@ -177,23 +178,44 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
     summary = _json(results / "spec" / "summary.json")
     if summary is None:
         return None
-    drafting = [m for m in summary["methods"] if m.get("acceptance_by_position")]
+    drafting = [m for m in summary["methods"] if m.get("conditional_acceptance_by_position")]
     if drafting:
         figure, axis = plt.subplots(figsize=(6, 3.5))
         for entry in drafting:
-            values = entry["conditional_acceptance_by_position"]
+            values = [np.nan if v is None else v for v in entry["conditional_acceptance_by_position"]]
             axis.plot(np.arange(1, len(values) + 1), values, "o-", label=f"{entry['method']} k={entry['k']}")
         axis.set(xlabel="draft position", ylabel="acceptance given the prefix", ylim=(0, 1.02))
         axis.legend(fontsize=8)
         _save(figure, figures / "spec_positions.png")
+    for entry in summary["methods"]:
+        entry["lossless"] = _lossless_evidence(entry, summary["greedy"])
     ok = [m for m in summary["methods"] if m["status"] == "ok" and m["method"] != "target"]
-    lossless = [m for m in ok if m.get("exact_match_rate") == 1.0]
     best = {}
-    for entry in lossless:
-        if entry["method"] not in best or entry["speedup_median"] > best[entry["method"]]["speedup_median"]:
+    for entry in ok:
+        if entry["lossless"]["consistent"] and (entry["method"] not in best
+                                                or entry["speedup_median"] > best[entry["method"]]["speedup_median"]):
             best[entry["method"]] = entry
     return {**summary, "best": sorted(best.values(), key=lambda e: -e["speedup_median"]),
+            "not_lossless": [m for m in ok if not m["lossless"]["consistent"]],
             "not_run": [m for m in summary["methods"] if m["status"] != "ok"]}  # fmt: skip
+
+
+LOSSLESS_ALPHA = 0.001  # a sampling method whose distribution test gives p below this is reported as not lossless
+
+
+def _lossless_evidence(entry: dict, greedy: bool) -> dict:
+    """What shows a method lossless: exact ids (greedy) or the distribution test (sampling)."""
+    if entry["status"] != "ok" or entry["method"] == "target":
+        return {"consistent": entry["status"] == "ok", "text": "reference" if entry["method"] == "target" else "-"}
+    if greedy:
+        rate = entry["exact_match_rate"]
+        return {"consistent": rate == 1.0, "text": f"{100 * rate:.1f}% of clips identical"}
+    test = entry.get("lossless_test")
+    if test is None:
+        return {"consistent": False, "text": "no distribution test (no draws, or too few distinct tokens)"}
+    return {"consistent": test["p_value"] >= LOSSLESS_ALPHA,
+            "text": f"p = {test['p_value']:.3g} ({test['draws_per_clip']} draws x {test['clips']} clips, "
+                    f"{test['tests']} tests)"}  # fmt: skip
 
 
 def run_info(config: dict, model_dirs: dict[str, str], context: dict) -> dict:

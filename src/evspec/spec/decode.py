@@ -10,9 +10,10 @@ One cycle (gpt-fast style):
     4. the target's cache is rewound past the rejected drafts (a pointer move).
 The only host synchronisation per cycle is reading the number accepted.
 
-Vocabularies: the draft proposes only ids both models have (its distribution is masked
-to the common ids and renormalised); the target's distribution is never masked, so ids
-only the target has stay reachable through the residual and the bonus token.
+Vocabularies: the draft proposes only ids both models share (`SharedVocabulary`: its
+logits are masked to them before the sampling spec applies); the target's distribution is
+never masked, so ids only the target has stay reachable through the residual and the bonus.
+Each drafter holds its own `Sampler` (same spec; its random stream on the draft's device).
 """
 
 from __future__ import annotations
@@ -23,29 +24,7 @@ from typing import Protocol
 import torch
 
 from evspec.spec.fast_llama import FastLlama, FastOutput
-
-
-@dataclass
-class Sampler:
-    """Temperature 0 is greedy; otherwise softmax(logits / temperature), drawn with `generator`."""
-
-    temperature: float = 0.0
-    generator: torch.Generator | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
-
-    def draw(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """One id per row of [..., V] probabilities."""
-        flat = probabilities.reshape(-1, probabilities.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).view(probabilities.shape[:-1])
-
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1) if self.greedy else self.draw(self.probabilities(logits))
+from evspec.spec.sampling import Sampler
 
 
 @dataclass
@@ -66,8 +45,8 @@ class Drafter(Protocol):
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None: ...
 
-    def propose(self, k: int, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft ids [k] and, when sampling, their distributions [k, V_target] (None when greedy)."""
+    def propose(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft ids [k] and, when sampling, the distributions [k, V_target] they were drawn from (else None)."""
 
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
         """The target kept `tokens` (accepted drafts + the bonus); `hidden` [n, H] are the states behind them."""
@@ -108,7 +87,7 @@ def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter,
     drafter.start(tokens[0], prefill.hidden[0, -1])
     while not _done(tokens, max_new_tokens, eos_token_id):
         base = target.length
-        draft_ids, draft_probs = drafter.propose(k, sampler)
+        draft_ids, draft_probs = drafter.propose(k)
         draft_ids = draft_ids.to(target.device, non_blocking=True)  # a no-op unless the draft has its own GPU
         draft_probs = None if draft_probs is None else draft_probs.to(target.device, non_blocking=True)
         verify_ids = torch.cat([torch.tensor([tokens[-1]], device=target.device), draft_ids])[None]
@@ -131,19 +110,26 @@ def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter,
 
 def _accept(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor | None,
             sampler: Sampler) -> tuple[int, int]:  # fmt: skip
-    """Number of drafts kept and the target's own next token (see the module docstring, step 3)."""
+    """Number of drafts kept and the target's own next token (see the module docstring, step 3).
+
+    Row i of `logits` [k + 1, V] is the target's prediction after verify_ids[i], i.e. for the
+    position of draft i + 1; row k follows the last draft (the bonus when all k are kept).
+    """
     k = len(draft_ids)
     if sampler.greedy:
         choices = logits.argmax(-1)  # [k + 1]
         agree = (choices[:k] == draft_ids).long()
         n_accepted = int(agree.cumprod(0).sum())  # the one host sync of the cycle
         return n_accepted, int(choices[n_accepted])
-    p = sampler.probabilities(logits)  # [k + 1, V]
+    p = sampler.probabilities(logits)  # [k + 1, V], the target's law at each position
     rows = torch.arange(k, device=p.device)
-    ratio = p[rows, draft_ids] / draft_probs[rows, draft_ids]
-    uniform = torch.rand(k, device=p.device, generator=sampler.generator)
-    n_accepted = int((uniform < ratio).long().cumprod(0).sum())
+    ratio = p[rows, draft_ids] / draft_probs[rows, draft_ids]  # q > 0: the draft drew these ids from q
+    keep = sampler.uniform(k, p.device) < ratio  # accept draft i with probability min(1, p / q)
+    n_accepted = int(keep.long().cumprod(0).sum())
     if n_accepted == k:
         return k, int(sampler.draw(p[k]))
     residual = (p[n_accepted] - draft_probs[n_accepted]).clamp_min(0)
-    return n_accepted, int(sampler.draw(residual / residual.sum()))
+    mass = residual.sum()
+    # p == q makes a rejection impossible in exact arithmetic; if rounding made one, p itself is the law
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p[n_accepted])
+    return n_accepted, int(sampler.draw(residual))

@@ -1,8 +1,10 @@
-"""The two drafters of the speculative engine: EventGPT itself (`token`) and the draft head (`feature`).
+"""The drafters of the speculative engine: EventGPT itself (`token`, `prefill`) and the draft head (`feature`).
 
-Both propose only ids the two models share (`common_vocab`, the shared vocabulary's size;
-the draft distribution is masked to it and renormalised) and return, when sampling, the
-draft distribution padded to the target's vocabulary so the acceptance test can index it.
+Each holds its own `Sampler` (the run's sampling spec, a random stream on its device) and
+returns, when sampling, the distribution q each draft was drawn from, over the target's
+ids, so the acceptance test reads exactly the law the drafts came from. EventGPT proposes
+only ids the two tokenizers share (`SharedVocabulary`); the draft head decodes through the
+target's own lm_head, so its vocabulary is the target's.
 """
 
 from __future__ import annotations
@@ -11,20 +13,9 @@ import torch
 from torch import nn
 
 from evspec.adapter.modules import DraftHead
-from evspec.models.tokenizer import readable_ids
-from evspec.spec.decode import Sampler
+from evspec.models.tokenizer import SharedVocabulary
 from evspec.spec.fast_llama import FastLlama
-
-
-def _propose_one(logits: torch.Tensor, common_vocab: int, target_vocab: int, sampler: Sampler):
-    """One draft id (device tensor, no host sync) and its distribution over the target's ids."""
-    logits = logits[..., :common_vocab]
-    if sampler.greedy:
-        return logits.argmax(-1), None
-    q = sampler.probabilities(logits)
-    padded = torch.zeros(*q.shape[:-1], target_vocab, device=q.device, dtype=q.dtype)
-    padded[..., :common_vocab] = q
-    return sampler.draw(q), padded
+from evspec.spec.sampling import Sampler
 
 
 def _stacked(ids: list[torch.Tensor], probs: list[torch.Tensor | None]):
@@ -38,22 +29,20 @@ class TokenDrafter:
     proposal feeds first (the bonus token, and the last draft when all k were accepted).
     """
 
-    def __init__(self, draft: FastLlama, common_vocab: int, target_vocab: int, unknown_id: int = 0) -> None:
-        self.draft, self.common_vocab, self.target_vocab = draft, common_vocab, target_vocab
-        self.draft_vocab = draft.lm_head.out_features
-        self.unknown_id = unknown_id  # what the draft reads for a committed id only the target has
+    def __init__(self, draft: FastLlama, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler) -> None:
+        self.draft, self.vocabulary, self.target_vocab, self.sampler = draft, vocabulary, target_vocab, sampler
+        self.allowed = vocabulary.draft_mask.to(draft.device)
         self.pending: list[int] = []
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
         self.pending = [first_token]
 
-    def propose(self, k: int, sampler: Sampler):
-        readable = readable_ids(self.pending, self.draft_vocab, self.unknown_id)
-        out = self.draft.step(torch.tensor([readable], device=self.draft.device))
+    def propose(self, k: int):
+        out = self.draft.step(torch.tensor([self.vocabulary.readable(self.pending)], device=self.draft.device))
         self.base = self.draft.length
         ids, probs = [], []
         for position in range(k):
-            token, q = _propose_one(out.logits[0, -1], self.common_vocab, self.target_vocab, sampler)
+            token, q = self.sampler.propose(out.logits[0, -1], self.allowed, self.target_vocab)
             ids.append(token)
             probs.append(q)
             if position < k - 1:
@@ -71,13 +60,12 @@ class HeadDrafter:
     """The cross-modal draft head: reads the target's own states and tokens, drafts via its lm_head."""
 
     def __init__(self, head: DraftHead, event_tokens: torch.Tensor | None, embed_tokens: nn.Embedding,
-                 lm_head: nn.Linear, common_vocab: int) -> None:  # fmt: skip
-        self.head, self.embed_tokens, self.lm_head = head, embed_tokens, lm_head
+                 lm_head: nn.Linear, sampler: Sampler) -> None:  # fmt: skip
+        self.head, self.embed_tokens, self.lm_head, self.sampler = head, embed_tokens, lm_head, sampler
         parameter = next(head.parameters())
         self.dtype = parameter.dtype
         events = None if event_tokens is None else event_tokens[None].to(parameter.device, self.dtype)
         self.prefix = head.event_prefix(events)
-        self.common_vocab = common_vocab
         self.target_vocab = lm_head.out_features
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
@@ -85,14 +73,14 @@ class HeadDrafter:
         self.tokens = torch.tensor([first_token], device=first_hidden.device)
 
     @torch.no_grad()
-    def propose(self, k: int, sampler: Sampler):
+    def propose(self, k: int):
         hidden, tokens = self.hidden, self.tokens
         ids, probs = [], []
         for _ in range(k):
             embeds = self.embed_tokens(tokens).to(self.dtype)
             state = self.head(hidden[None], embeds[None], self.prefix)[0, -1]
-            token, q = _propose_one(self.lm_head(state.to(self.lm_head.weight.dtype)), self.common_vocab,
-                                    self.target_vocab, sampler)  # fmt: skip
+            logits = self.lm_head(state.to(self.lm_head.weight.dtype))
+            token, q = self.sampler.propose(logits, None, self.target_vocab)
             ids.append(token)
             probs.append(q)
             hidden, tokens = torch.cat([hidden, state[None]]), torch.cat([tokens, token.view(1)])
@@ -106,28 +94,34 @@ class HeadDrafter:
 class PrefetchedDrafter(TokenDrafter):
     """A TokenDrafter whose first k drafts were made before the target's first token was known.
 
-    The draft guessed the first token g0 itself and drafted g1..gk after it (while the
-    target was still encoding video and prefilling). If the target's first token is g0,
-    g1..gk are the first proposal, verified right away; otherwise they are dropped and
-    the draft resumes from the target's token like a plain TokenDrafter.
+    The draft drew its own first token g0 and drafted g1..gk after it (while the target was
+    still encoding video and prefilling), keeping the distributions q1..qk they came from.
+    If the target's first token is g0, g1..gk are exactly what a TokenDrafter would propose
+    after it (the draft's draws are independent of the target's), so they are verified right
+    away; otherwise they are dropped and the draft resumes from the target's token.
     """
 
-    def __init__(self, draft: FastLlama, common_vocab: int, target_vocab: int, prompt_length: int,
-                 guesses: torch.Tensor) -> None:  # fmt: skip
-        super().__init__(draft, common_vocab, target_vocab)
+    def __init__(self, draft: FastLlama, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler,
+                 prompt_length: int, guesses: torch.Tensor, guess_probs: torch.Tensor | None) -> None:  # fmt: skip
+        super().__init__(draft, vocabulary, target_vocab, sampler)
         self.prompt_length = prompt_length
-        self.guesses = guesses  # [k + 1]: g0..gk; the draft's cache holds the prompt and g0..g(k-1)
+        self.guesses, self.guess_probs = guesses, guess_probs  # g0..gk; q1..qk; the cache holds g0..g(k-1)
         self.prefetched = False
 
-    @staticmethod
-    def draft_ahead(draft: FastLlama, prefill_logits: torch.Tensor, k: int, common_vocab: int) -> torch.Tensor:
-        """Greedy g0..gk from the draft's prefill, without any host synchronisation."""
-        token = prefill_logits[0, -1, :common_vocab].argmax(-1)
-        guesses = [token]
+    @classmethod
+    def draft_ahead(cls, draft: FastLlama, prefill_logits: torch.Tensor, k: int, vocabulary: SharedVocabulary,
+                    target_vocab: int, sampler: Sampler) -> PrefetchedDrafter:  # fmt: skip
+        """Draw g0..gk from the draft's prefill onward, without any host synchronisation."""
+        prompt_length = draft.length
+        allowed = vocabulary.draft_mask.to(draft.device)
+        token, _ = sampler.propose(prefill_logits[0, -1], allowed, target_vocab)
+        guesses, probs = [token], []
         for _ in range(k):
-            token = draft.step(token.view(1, 1)).logits[0, -1, :common_vocab].argmax(-1)
+            token, q = sampler.propose(draft.step(token.view(1, 1)).logits[0, -1], allowed, target_vocab)
             guesses.append(token)
-        return torch.stack(guesses)
+            probs.append(q)
+        probs = torch.stack(probs) if probs[0] is not None else None
+        return cls(draft, vocabulary, target_vocab, sampler, prompt_length, torch.stack(guesses), probs)
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
         self.prefetched = int(self.guesses[0]) == first_token
@@ -137,10 +131,10 @@ class PrefetchedDrafter(TokenDrafter):
             self.draft.rewind(self.prompt_length)
             self.pending = [first_token]
 
-    def propose(self, k: int, sampler: Sampler):
+    def propose(self, k: int):
         if not self.prefetched:
-            return super().propose(k, sampler)
-        if k != len(self.proposed) or not sampler.greedy:
-            raise ValueError("prefetched drafts are greedy and k long: draft ahead with the same k, temperature 0")
+            return super().propose(k)
+        if k != len(self.proposed):
+            raise ValueError(f"drafted {len(self.proposed)} ahead but asked for {k}: draft ahead with the same k")
         self.prefetched = False
-        return torch.stack(self.proposed), None
+        return torch.stack(self.proposed), self.guess_probs

@@ -1,14 +1,19 @@
 """`python -m evspec spec-summary`: per method and k, what the shards measured, with intervals.
 
-For each (method, k), over the clips every method answered:
-- speedup: target total_ms / method total_ms per clip; median and a bootstrap 95% interval
-  of the median (also for the decode phase alone, total - ttft);
+For each (method, k), over the clips every method answered (definitions of alpha, the
+conditional per-position acceptance, tokens per cycle, c, v and the cost model are in
+`evspec.spec.cost`, stated once):
+- speedup: target total_ms / method total_ms per clip (end to end: vision, prefill, the
+  drafter's set-up, decode); median and a bootstrap 95% interval of the median;
+- decode-phase speedup: the target's decode ms per token / the method's, per clip (clips
+  with answers of at least two tokens), median and interval: the quantity the cost model
+  predicts, E / (k c + v) from this run's acceptance counts and unit costs;
 - tau: new tokens per target forward, the prefill forward and the bonus tokens counted;
-- alpha: accepted / drafted; per-position acceptance, both unconditional (accepted at i /
-  cycles) and prefix-conditioned (accepted at i / accepted at i - 1);
-- lossless: the share of clips whose output ids equal the target's, and the first divergence;
-- predicted speedup from the cost model, E(alpha, k) / (k c + 1), with c the measured cost of
-  one draft token relative to one target step, next to the measured decode speedup.
+- acceptance: counts per draft position, alpha, conditional per-position acceptance,
+  tokens per cycle;
+- lossless: greedy, the share of clips whose ids equal the target's and the first
+  divergence; sampling, the distribution test of `evspec.spec.lossless` on the repeated
+  draws (and on EventGPT alone, the negative control).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evspec.adapter.metrics import expected_tokens_per_cycle
 from evspec.atomic import atomic_output
 from evspec.errors import InputError
+from evspec.spec.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
+from evspec.spec.lossless import DRAFT_ALONE, lossless_test
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -34,58 +40,79 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
 
 
 def summarize(spec_dir: Path, out_path: Path) -> dict:
-    paths = sorted(spec_dir.glob("*/shard-*.parquet"))
+    paths = sorted(path for path in spec_dir.glob("*/shard-*.parquet") if path.parent.name != "lossless")
     if not paths:
         raise InputError(spec_dir, "no {method}/shard-*.parquet files: run `python -m evspec speculate` first")
     rows = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+    draws_paths = sorted(spec_dir.glob("lossless/shard-*.parquet"))
+    draws = pd.concat([pd.read_parquet(path) for path in draws_paths], ignore_index=True) if draws_paths else None
     target = rows[rows["method"] == "target"].set_index("sample_id")
     if target.empty:
         raise ValueError(f"{spec_dir}: no rows of the target method, the baseline of every speedup")
-    target_step_ms = float(np.median((target["total_ms"] - target["ttft_ms"]) / (target["target_forwards"] - 1).clip(lower=1)))
+    greedy = float(target["temperature"].iloc[0]) == 0.0
     summary = {"n_clips": int(target.index.nunique()), "device": str(target["device"].iloc[0]),
-               "temperature": float(target["temperature"].iloc[0]), "target_step_ms": target_step_ms,
+               "temperature": float(target["temperature"].iloc[0]), "top_k": int(target["top_k"].iloc[0]),
+               "top_p": float(target["top_p"].iloc[0]), "greedy": greedy,
+               "target_decode_ms_per_token": _median(_decode_ms_per_token(target)),
+               "answer_tokens": _quantiles(target["new_tokens"]),
                "tau_definition": "new tokens / target forwards, counting the prefill and the bonus tokens",
                "methods": []}  # fmt: skip
+    if draws is not None and not draws.empty:
+        summary["lossless_control"] = lossless_test(draws, DRAFT_ALONE, 0)
     for (method, k), group in rows.groupby(["method", "k"], sort=False):
         entry = {"method": method, "k": int(k), "n_clips": int(len(group))}
+        summary["methods"].append(entry)
         ran = group[group["status"] == "ok"]
         if ran.empty:
             entry["status"] = str(group["status"].iloc[0])
-            summary["methods"].append(entry)
             continue
-        joined = ran.merge(target[["total_ms", "ttft_ms", "output_ids"]], left_on="sample_id", right_index=True,
-                           suffixes=("", "_target")).set_index("sample_id")
+        joined = ran.merge(target[["total_ms", "decode_ms", "new_tokens", "output_ids"]], left_on="sample_id",
+                           right_index=True, suffixes=("", "_target")).set_index("sample_id")  # fmt: skip
         speedup = (joined["total_ms_target"] / joined["total_ms"]).to_numpy()
-        entry.update(status="ok", speedup_median=float(np.median(speedup)),
-                     speedup_ci95=bootstrap_median_interval(speedup), ttft_ms_median=_median(ran["ttft_ms"]),
-                     total_ms_median=float(ran["total_ms"].median()),
-                     tau=_tau(ran),
-                     exact_match_rate=float(np.mean([list(a) == list(b) for a, b in
-                                                     zip(joined["output_ids"], joined["output_ids_target"])])),
-                     first_divergence=_first_divergence(joined))  # fmt: skip
-        decode = joined["total_ms"] - joined["ttft_ms"]
-        if decode.notna().all() and method != "target":
-            decode_speedup = ((joined["total_ms_target"] - joined["ttft_ms_target"]) / decode).to_numpy()
-            entry["decode_speedup_median"] = float(np.median(decode_speedup))
+        entry.update(status="ok", speedup_median=float(np.median(speedup)), speedup_ci95=bootstrap_median_interval(speedup),
+                     ttft_ms_median=_median(ran["ttft_ms"]), draft_setup_ms_median=_median(ran["draft_setup_ms"]),
+                     total_ms_median=float(ran["total_ms"].median()), tau=_tau(ran))  # fmt: skip
+        decode_speedup = (_decode_ms_per_token(joined, "_target") / _decode_ms_per_token(joined)).dropna().to_numpy()
+        if method != "target" and len(decode_speedup):
+            entry.update(decode_speedup_median=float(np.median(decode_speedup)),
+                         decode_speedup_ci95=bootstrap_median_interval(decode_speedup))  # fmt: skip
+        if greedy:
+            entry.update(exact_match_rate=float(np.mean([list(a) == list(b) for a, b in
+                                                         zip(joined["output_ids"], joined["output_ids_target"])])),
+                         first_divergence=_first_divergence(joined))  # fmt: skip
+        elif draws is not None and method != "target":
+            entry["lossless_test"] = lossless_test(draws, method, int(k))
         if ran["drafted"].sum() > 0:
-            accepted = np.sum(np.stack(ran["accepted_per_position"].to_numpy()), axis=0)
-            drafted = np.sum(np.stack(ran["drafted_per_position"].to_numpy()), axis=0)
-            alpha = float(ran["accepted"].sum() / ran["drafted"].sum())
-            previous = np.concatenate([[drafted[0]], accepted[:-1]])
-            entry.update(alpha=alpha, acceptance_by_position=(accepted / drafted).tolist(),
-                         conditional_acceptance_by_position=(accepted / np.maximum(previous, 1)).tolist())  # fmt: skip
-            if "cost_ratio" in ran and ran["cost_ratio"].notna().any():
-                cost = float(ran["cost_ratio"].median())
-                entry.update(cost_ratio=cost, predicted_decode_speedup=predicted_speedup(alpha, int(k), cost))
-        summary["methods"].append(entry)
+            entry.update(_acceptance(ran))
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
-    """The cost model: expected tokens per cycle over the cycle's cost in target steps."""
-    return expected_tokens_per_cycle(alpha, k) / (k * cost_ratio + 1)
+def _acceptance(ran: pd.DataFrame) -> dict:
+    """Counts per draft position, alpha, n-alpha, tokens per cycle, and the cost model's prediction."""
+    accepted = np.sum(np.stack(ran["accepted_per_position"].to_numpy()), axis=0).astype(int)
+    cycles = int(np.sum(np.stack(ran["drafted_per_position"].to_numpy()), axis=0)[0])
+    conditional = conditional_acceptance(accepted.tolist(), cycles)
+    out = {"cycles": cycles, "accepted_by_position": accepted.tolist(),
+           "alpha": float(ran["accepted"].sum() / ran["drafted"].sum()),
+           "conditional_acceptance_by_position": conditional,
+           "tokens_per_cycle": expected_tokens_per_cycle(conditional)}  # fmt: skip
+    if ran["target_step_ms"].notna().any():
+        step = float(ran["target_step_ms"].median())
+        c, v = float(ran["draft_token_ms"].median()) / step, float(ran["verify_ms"].median()) / step
+        out.update(cost_ratio=c, verify_ratio=v, predicted_decode_speedup=predicted_decode_speedup(conditional, c, v))
+    return out
+
+
+def _decode_ms_per_token(frame: pd.DataFrame, suffix: str = "") -> pd.Series:
+    """Decode-phase ms per token after the first (NaN for one-token answers and unseparable phases)."""
+    return frame[f"decode_ms{suffix}"] / (frame[f"new_tokens{suffix}"] - 1).where(lambda n: n > 0)
+
+
+def _quantiles(series: pd.Series) -> dict:
+    return {"median": float(series.median()), "p10": float(series.quantile(0.1)), "p90": float(series.quantile(0.9)),
+            "total": int(series.sum())}  # fmt: skip
 
 
 def _tau(ran: pd.DataFrame) -> float | None:

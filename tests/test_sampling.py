@@ -1,0 +1,171 @@
+"""Speculative sampling draws every answer token from the target's own law, at every draft position.
+
+The reference law is independent of the engine: transformers' LLaMA forward over the sampled
+prefix, warped by transformers' own logits processors (temperature, top-k, top-p). For each
+answer position i, the tokens drawn there are compared with the expected counts
+E[v] = sum over draws of p(v | that draw's prefix) by Pearson's statistic; the increments are
+martingale differences, so the test is valid (conservative) although prefixes differ. Answers
+are longer than k + 1 and span several cycles, so every draft position, the residual after a
+rejection and the bonus after a full acceptance all reach the output; each test checks that
+both paths ran, and its negative control (acceptance replaced by "keep every draft") must fail.
+
+The vocabularies mirror the real pair: the target has 8 ids, the draft 7; ids 0..5 are shared,
+id 6 means different tokens to the two (as 32000 is `<ev_patch>` / `<image>`), id 7 is the
+target's alone. The draft never proposes 6; the target reaches 6 and 7 through residual and bonus.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chi2
+from transformers import LlamaConfig, LlamaModel
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import evspec.spec.decode as decode_module
+from evspec.adapter.modules import DraftHead, HeadConfig
+from evspec.models.configs import small_text_config
+from evspec.models.tokenizer import SharedVocabulary
+from evspec.spec.decode import decode_speculative
+from evspec.spec.drafters import HeadDrafter, PrefetchedDrafter, TokenDrafter
+from evspec.spec.fast_llama import FastLlama
+from evspec.spec.sampling import Sampler, SamplingSpec
+
+TARGET_VOCAB, DRAFT_VOCAB, N_SHARED = 8, 7, 6
+PROMPT_LENGTH = 6
+
+
+def _transformers_warpers(spec: SamplingSpec) -> LogitsProcessorList:
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)])
+    if spec.top_k:
+        warpers.append(TopKLogitsWarper(spec.top_k))
+    if spec.top_p < 1:
+        warpers.append(TopPLogitsWarper(spec.top_p))
+    return warpers
+
+
+@pytest.mark.parametrize("spec", [SamplingSpec(0.7), SamplingSpec(1.3, top_k=3), SamplingSpec(0.9, top_p=0.8),
+                                  SamplingSpec(1.0, top_k=4, top_p=0.6), SamplingSpec(0.5, top_p=0.999)])
+def test_sampling_spec_equals_transformers_warpers(spec):
+    logits = torch.randn(64, 50) * 3
+    logits[:, :5] = 2.0  # ties at the top-k boundary
+    expected = _transformers_warpers(spec)(None, logits.clone())
+    torch.testing.assert_close(spec.warp(logits), expected)
+
+
+class Pair:
+    """A target LLaMA and a draft made from it with perturbed weights, both with a prompt prefilled."""
+
+    def __init__(self, seed: int, noise: float, head_std: float) -> None:
+        torch.manual_seed(seed)
+        self.target = LlamaModel(LlamaConfig(**small_text_config(TARGET_VOCAB))).eval()
+        self.target_head = torch.nn.Linear(32, TARGET_VOCAB, bias=False)
+        torch.nn.init.normal_(self.target_head.weight, std=head_std)  # peaked, position-dependent distributions
+        self.draft = copy.deepcopy(self.target)
+        with torch.no_grad():
+            for parameter in self.draft.parameters():
+                parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
+        self.draft_head = torch.nn.Linear(32, DRAFT_VOCAB, bias=False)
+        self.draft_head.weight.data = self.target_head.weight.data[:DRAFT_VOCAB] * (1 + noise * torch.randn(DRAFT_VOCAB, 32))
+        self.prompt = torch.randn(1, PROMPT_LENGTH, 32)
+        self.vocabulary = SharedVocabulary(torch.arange(DRAFT_VOCAB) < N_SHARED, unknown_id=0)
+
+    def engines(self):
+        target = FastLlama(self.target, self.target_head, 64)
+        draft = FastLlama(self.draft, self.draft_head, 64)
+        return target, target.forward_embeds(self.prompt), draft, draft.forward_embeds(self.prompt)
+
+    @torch.no_grad()
+    def reference_probabilities(self, answers: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+        """p(. | prompt, answer[:i]) for every draw and position: [draws, n, V], transformers throughout."""
+        draws, n = answers.shape
+        embeds = torch.cat([self.prompt.expand(draws, -1, -1), self.target.embed_tokens(answers[:, :-1])], dim=1)
+        logits = self.target_head(self.target(inputs_embeds=embeds).last_hidden_state[:, PROMPT_LENGTH - 1 :])
+        flat = _transformers_warpers(spec)(None, logits.reshape(draws * n, -1).float())
+        return flat.softmax(-1).view(draws, n, -1)
+
+
+def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int, sampler: Sampler):
+    if kind == "token":
+        return TokenDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler)
+    if kind == "prefetched":
+        return PrefetchedDrafter.draft_ahead(draft, draft_prefill.logits, k, pair.vocabulary, TARGET_VOCAB, sampler)
+    torch.manual_seed(3)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    return HeadDrafter(head.eval(), torch.randn(5, 32), pair.target.embed_tokens, pair.target_head, sampler)
+
+
+def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed: int = 0, noise: float = 0.1,
+          head_std: float = 0.7):
+    """`draws` answers of n_tokens, their cycle counts, and the reference law along them."""
+    pair = Pair(seed=1, noise=noise, head_std=head_std)
+    target_sampler = Sampler(spec, torch.Generator().manual_seed(seed))
+    draft_sampler = Sampler(spec, torch.Generator().manual_seed(seed + 1))
+    target, target_prefill, draft, draft_prefill = pair.engines()
+    answers, cycles, full, ids_not_shared = [], 0, 0, 0
+    for _ in range(draws):
+        target.rewind(PROMPT_LENGTH)
+        draft.rewind(PROMPT_LENGTH)
+        drafter = _drafter(kind, pair, draft, draft_prefill, target, k, draft_sampler)
+        result = decode_speculative(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
+        assert len(result.output_ids) == n_tokens
+        answers.append(result.output_ids)
+        cycles += result.target_forwards
+        full += result.accepted_per_position[-1]
+        ids_not_shared += sum(token >= N_SHARED for token in result.output_ids)
+    answers = torch.tensor(answers)
+    return answers, pair.reference_probabilities(answers, spec), cycles, full, ids_not_shared
+
+
+def _p_value(answers: torch.Tensor, reference: torch.Tensor) -> float:
+    """Bonferroni over positions of Pearson's test of observed vs expected counts (cells with E < 5 merged)."""
+    n_tokens = answers.shape[1]
+    smallest = 1.0
+    for position in range(n_tokens):
+        observed = torch.bincount(answers[:, position], minlength=TARGET_VOCAB).double()
+        expected = reference[:, position].sum(0).double()
+        order = torch.argsort(expected)
+        merged = int(torch.searchsorted(expected[order].cumsum(0), torch.tensor(5.0, dtype=torch.float64))) + 1
+        small = order[:merged]  # the least likely cells, merged until their expectation reaches 5
+        large = order[merged:]
+        observed = torch.cat([observed[large], observed[small].sum()[None]])
+        expected = torch.cat([expected[large], expected[small].sum()[None]])
+        statistic = float(((observed - expected) ** 2 / expected).sum())
+        if len(expected) > 1:
+            smallest = min(smallest, float(chi2.sf(statistic, len(expected) - 1)))
+    return min(1.0, n_tokens * smallest)
+
+
+def _accept_every_draft(logits, draft_ids, draft_probs, sampler):
+    """Negative control: no acceptance test at all, the bonus from the target's row after the drafts."""
+    k = len(draft_ids)
+    return k, int(sampler.draw(sampler.probabilities(logits)[k]))
+
+
+CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and top-p, every drafter
+    ("token", 4, SamplingSpec(0.7, top_p=0.9)),
+    ("token", 2, SamplingSpec(1.5, top_k=4)),
+    ("token", 1, SamplingSpec(0.6)),
+    ("head", 2, SamplingSpec(2.0, top_p=0.95)),
+    ("prefetched", 4, SamplingSpec(0.8)),
+]
+
+
+@pytest.mark.parametrize("kind, k, spec", CASES, ids=[f"{c[0]}-k{c[1]}" for c in CASES])
+def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch):
+    n_tokens = 2 * k + 3  # several cycles: every draft position and the bonus reach the output
+    answers, reference, cycles, full, not_shared = _draw(kind, k, spec, n_tokens, draws=400)
+    assert full >= 30, "the bonus path (all k accepted) must run"
+    assert cycles - full >= 30, "the residual path (a rejection) must run"
+    assert not_shared >= 30, "ids the draft cannot propose must still reach the output"
+    assert _p_value(answers, reference) > 1e-3
+    monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)
+    control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200)
+    assert _p_value(control, control_reference) < 1e-4, "the test must tell a wrong law apart"
