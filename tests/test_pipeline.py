@@ -139,6 +139,27 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_whole_dag_samples_on_checkpoints_in_the_real_layouts(tmp_path):
+    """models.source checkpoints: EventGPT with tokenizer.model only and its tower in mm_visual_tower,
+    Video-LLaVA-7B-hf's sharded legacy keys; sampling with top-p, the distribution test in the report."""
+    from real_layout import write_real_pair
+
+    paths = write_real_pair(tmp_path / "checkpoints", tower_inside=False)
+    config = {**TINY_CONFIG, "models": {"source": "checkpoints", "draft": str(paths["draft"]), "target": str(paths["target"])},
+              "speculative": {**TINY_CONFIG["speculative"], "temperature": 0.8, "top_p": 0.9, "lossless_clips": 1,
+                              "lossless_draws": 40, "lossless_tokens": 2}}  # fmt: skip
+    snakemake(tmp_path, config=config)
+    summary = json.loads((tmp_path / "results/tiny/spec/summary.json").read_text())
+    entries = {(m["method"], m["k"]): m for m in summary["methods"]}
+    assert not summary["greedy"] and summary["top_p"] == 0.9
+    assert all(m["status"] == "ok" for m in entries.values() if m["method"] != "hf-assisted")
+    assert "exact_match_rate" not in entries[("token", 2)]  # one sample per method proves nothing
+    assert entries[("token", 2)]["lossless_test"]["draws_per_clip"] == 40
+    speculative = (tmp_path / "reports/tiny/speculative.md").read_text()
+    assert "Pearson's chi-square test of homogeneity" in speculative and "Negative control" in speculative
+
+
+@pytest.mark.slow
 def test_two_runs_from_clean_give_identical_results(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()

@@ -76,7 +76,8 @@ def _speculate(args: argparse.Namespace) -> None:
 
     settings = from_mapping(SpecSettings, args.settings, "--settings")
     pair = load_pair(args.draft, args.target, args.draft_tokenizer, args.target_tokenizer, DTYPES[settings.dtype],
-                     settings.device, settings.draft_device)  # fmt: skip
+                     settings.device, settings.draft_device, settings.draft_pixel_dtype,
+                     settings.draft_vision_tower)  # fmt: skip
     head = None
     if "feature" in settings.methods:
         head = load_head(args.adapter_dir / "head.safetensors").to(settings.device, DTYPES[settings.dtype])
@@ -94,7 +95,9 @@ def _bench_stages(args: argparse.Namespace) -> None:
     from evspec.bench.stages import BenchSettings, bench_stages
 
     head = load_head(args.head) if args.head else None
-    bench_stages(from_mapping(BenchSettings, args.settings, "--settings"), args.models, args.out, head)
+    parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
+    paths = {part: getattr(args, part) for part in parts} if args.draft else None
+    bench_stages(from_mapping(BenchSettings, args.settings, "--settings"), paths, args.out, head)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -170,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")
-    bench.add_argument("--settings", default="{}", help="JSON object of BenchSettings (scale toy or 7b)")
-    bench.add_argument("--models", type=Path, help="toy scale: the toy pair's directory")
+    bench.add_argument("--settings", default="{}", help="JSON object of BenchSettings (scale pair or 7b)")
+    for name, what in (("draft", "EventGPT checkpoint"), ("target", "Video-LLaVA checkpoint"),
+                       ("draft-tokenizer", "draft tokenizer"), ("target-tokenizer", "target tokenizer")):  # fmt: skip
+        bench.add_argument(f"--{name}", type=Path, help=f"pair scale: {what} directory")
     bench.add_argument("--head", type=Path, help="a trained draft head to time (default: one of EAGLE's size)")
     bench.add_argument("--out", type=Path, required=True, help="stages.parquet to write")
     bench.set_defaults(handler=_bench_stages)

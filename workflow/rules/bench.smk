@@ -1,16 +1,18 @@
 # Stage timing: vision / projector / prefill / decode of both models through the stage API.
-# The demo times the toy pair on CPU; bench.scale "7b" times 7B shapes with random weights (GPU).
+# bench.scale "pair" times the run's own pair (the demo's toy pair on CPU, or the checkpoints);
+# "7b" times 7B shapes with random weights (GPU).
 BENCH = config["bench"]
 
 
 rule bench_stages:
     input:
-        models=model_inputs() if BENCH["scale"] == "toy" else [],
+        models=model_inputs() if BENCH["scale"] == "pair" else [],
     output:
         f"{RESULTS}/bench/stages.parquet",
     params:
         settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
-        models=f"--models {TOY_DIR}" if BENCH["scale"] == "toy" else "",
+        pair=(" ".join(f"--{part.replace('_', '-')} {path}" for part, path in model_paths().items())
+              if BENCH["scale"] == "pair" else ""),
         code=code_version(*CORE_MODULES, "bench", "models", "spec/fast_llama.py"),
     threads: BENCH["threads"]
     resources:
@@ -20,4 +22,4 @@ rule bench_stages:
     benchmark:
         f"{RESULTS}/benchmarks/bench_stages.tsv"
     shell:
-        "{EVSPEC} bench-stages --settings {params.settings:q} {params.models} --out {output} 2> {log}"
+        "{EVSPEC} bench-stages --settings {params.settings:q} {params.pair} --out {output} 2> {log}"

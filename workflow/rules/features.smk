@@ -1,7 +1,7 @@
 # Features: each model's vision/projected tokens and hidden states per clip, cached in HDF5.
 # The draft is teacher-forced along the target's greedy answers, so it runs after the target.
 FEATURES = f"{RESULTS}/features"
-FEATURE_SETTINGS = as_json({**config["features"], "device": MODELS["device"], "dtype": MODELS["dtype"]})
+FEATURE_SETTINGS = as_json({**config["features"], **MODEL_RUNTIME})
 FEATURE_CODE = code_version(*CORE_MODULES, "features", "models", "fingerprint.py")
 
 

@@ -2,6 +2,8 @@
 MODELS = config["models"]
 TOY = MODELS["source"] == "toy"
 TOY_DIR = f"{RESULTS}/models/toy"
+# How every model-running stage loads and runs the pair (passed inside each stage's settings).
+MODEL_RUNTIME = {key: MODELS[key] for key in ("device", "dtype", "draft_pixel_dtype", "draft_vision_tower")}
 
 
 def model_paths():
@@ -18,7 +20,9 @@ def model_paths():
 
 def model_inputs():
     """What the model-reading rules depend on: the toy pair's directory, or the checkpoints."""
-    return [TOY_DIR] if TOY else sorted(set(model_paths().values()))
+    if TOY:
+        return [TOY_DIR]
+    return sorted(set(model_paths().values()) | ({MODELS["draft_vision_tower"]} if MODELS["draft_vision_tower"] else set()))
 
 
 rule train_toy:

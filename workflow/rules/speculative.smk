@@ -19,7 +19,7 @@ rule speculate:
         out_dir=SPEC,
         n_shards=SPEC_CONFIG["shards"],
         settings=as_json({key: value for key, value in SPEC_CONFIG.items() if key != "shards"}
-                         | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
+                         | MODEL_RUNTIME),
         code=code_version(*CORE_MODULES, "spec", "models", "adapter"),
     threads: SPEC_CONFIG["threads"]
     resources:

@@ -8,7 +8,7 @@ warm-up, medians of repeats, CUDA events on GPU; the host-to-device copy of the 
 timed separately and disk reads are not timed at all. Because these are the stage API's
 calls, the test that proves decoupled == monolithic also proves this times the real work.
 
-Scales: `toy` loads the demo's trained pair; `7b` builds both models at 7B shape with random
+Scales: `pair` loads the run's own pair (the demo's toy pair, or the configured checkpoints); `7b` builds both models at 7B shape with random
 weights (bf16 on GPU). Prompt text lengths at 7B are the real prompts' (REFERENCE.md:
 about 640 and 2075 tokens in all), configurable because LLaMA's tokenizer is not shipped.
 """
@@ -28,6 +28,7 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.atomic import atomic_output
+from evspec.errors import InputError
 from evspec.models.configs import eventgpt_7b_config, random_model, video_llava_7b_config
 from evspec.models.checkpoint import DTYPES
 from evspec.models.eventgpt import EventGPTForCausalLM
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchSettings:
-    scale: str = "toy"  # "toy": the trained demo pair; "7b": random weights at 7B shape
+    scale: str = "pair"  # "pair": the run's pair (toy or checkpoints); "7b": random weights at 7B shape
     device: str = "cpu"
     dtype: str = "float32"
     repeats: int = 20
@@ -80,15 +81,17 @@ class Timer:
         return times
 
 
-def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path,
+def bench_stages(settings: BenchSettings, pair_paths: dict[str, Path] | None, out_path: Path,
                  head: DraftHead | None = None) -> pd.DataFrame:  # fmt: skip
-    """Time every stage; `head` is the trained draft head (toy), else one of EAGLE's size is built."""
+    """Time every stage; `pair_paths` (draft, target, draft_tokenizer, target_tokenizer) for the `pair`
+    scale; `head` is a trained draft head, else one of EAGLE's size is built."""
     torch.set_num_threads(settings.threads)
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     timer = Timer(device, settings.repeats, settings.warmup)
-    if settings.scale == "toy":
-        pair = load_pair(*(model_dir / p for p in ("draft", "target", "draft_tokenizer", "target_tokenizer")),
-                         dtype=dtype, device=settings.device)  # fmt: skip
+    if settings.scale == "pair":
+        if pair_paths is None:
+            raise InputError("--draft", "the pair scale times the run's own checkpoints: give their directories")
+        pair = load_pair(**pair_paths, dtype=dtype, device=settings.device)
         models = [("eventgpt", EventGPTStages(pair.draft), pair.draft_tokenizer),
                   ("video_llava", VideoLlavaStages(pair.target), pair.target_tokenizer)]  # fmt: skip
     elif settings.scale == "7b":
@@ -96,7 +99,7 @@ def bench_stages(settings: BenchSettings, model_dir: Path | None, out_path: Path
                   ("video_llava", VideoLlavaStages(random_model(VideoLlavaForConditionalGeneration,
                                                                 video_llava_7b_config(), device, dtype)), None)]  # fmt: skip
     else:
-        raise ValueError(f"scale must be 'toy' or '7b', got {settings.scale!r}")
+        raise ValueError(f"scale must be 'pair' or '7b', got {settings.scale!r}")
     bandwidth = copy_bandwidth(device, timer)
     rows = []
     for name, stages, tokenizer in models:

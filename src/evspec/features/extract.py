@@ -26,17 +26,16 @@ from evspec.errors import InputError
 from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample, sample_key
 from evspec.fingerprint import code_version, model_fingerprint, settings_digest
 from evspec.h5 import open_h5, require_dataset
-from evspec.models.checkpoint import DTYPES, load_eventgpt, load_video_llava
+from evspec.models.checkpoint import DTYPES, load_draft_tokenizer, load_eventgpt, load_tokenizer, load_video_llava
 from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
-from evspec.models.toy import load_tokenizer
 from evspec.models.tokenizer import SharedVocabulary, require_tokens
 
 log = logging.getLogger(__name__)
 
-MODELS = {  # model name -> (role, loader, stages, tensors.h5 dataset it reads)
-    "video_llava": ("target", load_video_llava, VideoLlavaStages, "frames"),
-    "eventgpt": ("draft", load_eventgpt, EventGPTStages, "event_images"),
+MODELS = {  # model name -> (role, stages, tensors.h5 dataset it reads)
+    "video_llava": ("target", VideoLlavaStages, "frames"),
+    "eventgpt": ("draft", EventGPTStages, "event_images"),
 }
 
 
@@ -48,6 +47,8 @@ class FeatureSettings:
     device: str = "cpu"
     dtype: str = "float32"  # model compute dtype
     batch_clips: int = 8  # clips whose vision towers run in one batch
+    draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
+    draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
 
     def __post_init__(self) -> None:
         if self.fields not in ("all", "training"):
@@ -63,7 +64,8 @@ def expected_fingerprint(model_name: str, model_dir: Path, tensors_path: Path, s
     """What a cache made from these inputs is stamped with (and what readers demand)."""
     with open_h5(tensors_path) as handle:
         preprocessing = {key: handle.attrs.get(key, "") for key in ("windows", "dataset")}
-    options = {k: v for k, v in asdict(settings).items() if k in ("fields", "precision", "max_new_tokens", "dtype")}
+    options = {k: v for k, v in asdict(settings).items()
+               if k in ("fields", "precision", "max_new_tokens", "dtype", "draft_pixel_dtype")}  # fmt: skip
     fingerprint = {"model": f"{model_name}:{model_fingerprint(model_dir)}", "preprocessing": settings_digest(preprocessing),
                    "code": code_version("features", "models"), "options": settings_digest(options)}  # fmt: skip
     if answers_digest is not None:
@@ -81,7 +83,7 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
     """
     if model_name not in MODELS:
         raise InputError("--model", f"unknown model {model_name!r}; known: {sorted(MODELS)}")
-    role, load, stages_class, dataset_name = MODELS[model_name]
+    role, stages_class, dataset_name = MODELS[model_name]
     if role == "draft" and target_cache is None:
         raise InputError("--answers", "the draft is teacher-forced along the target's answers: give the target's cache")
     if role == "draft" and target_tokenizer_dir is None:
@@ -95,14 +97,19 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
         answers = {i: r["answer_ids"].tolist() for i, r in zip(ids, reader.records(ids, ("answer_ids",)))}
         answers_digest = settings_digest(reader.fingerprint)
     fingerprint = expected_fingerprint(model_name, model_dir, tensors_path, settings, answers_digest)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    require_tokens(tokenizer, [tokenizer.eos_token or "</s>"], tokenizer_dir)
-    stages = stages_class(load(model_dir, DTYPES[settings.dtype]).to(settings.device))
+    dtype = DTYPES[settings.dtype]
     vocabulary = None
-    if role == "draft":
+    if role == "target":
+        model = load_video_llava(model_dir, dtype)
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        model = load_eventgpt(model_dir, dtype, settings.draft_pixel_dtype, settings.draft_vision_tower)
+        tokenizer = load_draft_tokenizer(tokenizer_dir, model.lm_head.out_features)
         target_tokenizer = load_tokenizer(target_tokenizer_dir)
-        vocabulary = SharedVocabulary.from_tokenizers(tokenizer, target_tokenizer, stages.lm_head.out_features,
+        vocabulary = SharedVocabulary.from_tokenizers(tokenizer, target_tokenizer, model.lm_head.out_features,
                                                       len(target_tokenizer))  # fmt: skip
+    require_tokens(tokenizer, [tokenizer.eos_token or "</s>"], tokenizer_dir)
+    stages = stages_class(model.to(settings.device))
     writer = FeatureWriter(out_path, fingerprint, settings.precision)
     try:
         todo = manifest[~manifest["sample_id"].map(sample_key).isin(writer.done)]

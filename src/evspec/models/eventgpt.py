@@ -46,6 +46,7 @@ class EventGPTConfig(LlamaConfig):
         event_feature_adaptor: bool = True,
         n_event_images: int = 5,
         event_placeholder_id: int = EVENT_PLACEHOLDER_ID,
+        pixel_dtype: str | None = None,
         **kwargs,
     ) -> None:
         if vision_config is None:  # the published config names the tower; its shape is CLIP ViT-L/14-336
@@ -59,6 +60,9 @@ class EventGPTConfig(LlamaConfig):
         self.event_feature_adaptor = event_feature_adaptor
         self.n_event_images = n_event_images
         self.event_placeholder_id = event_placeholder_id
+        # pixels are cast to this dtype before the tower ("bfloat16" is what the authors' code does,
+        # whatever the model's dtype); None keeps the model's own dtype
+        self.pixel_dtype = pixel_dtype
         super().__init__(**kwargs)
         if n_event_images < 1:
             raise ValueError(f"n_event_images must be >= 1, got {n_event_images}")
@@ -82,13 +86,16 @@ class EventGPTConfig(LlamaConfig):
 class EventVisualTower(nn.Module):
     """Holds CLIP under the attribute name the checkpoint uses (`visual_tower.visual_tower.*`)."""
 
-    def __init__(self, config: CLIPVisionConfig) -> None:
+    def __init__(self, config: CLIPVisionConfig, pixel_dtype: str | None = None) -> None:
         super().__init__()
         self.visual_tower = CLIPVisionModel(config)
+        self.pixel_dtype = getattr(torch, pixel_dtype) if pixel_dtype else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # [T, 3, S, S] -> last hidden state before post_layernorm, CLS kept: [T, 1 + patches, D]
-        return self.visual_tower(pixel_values=pixel_values).last_hidden_state
+        if self.pixel_dtype is not None:
+            pixel_values = pixel_values.to(self.pixel_dtype)
+        return self.visual_tower(pixel_values=pixel_values.to(self.visual_tower.dtype)).last_hidden_state
 
 
 class EventGPTModel(LlamaModel):
@@ -98,7 +105,7 @@ class EventGPTModel(LlamaModel):
 
     def __init__(self, config: EventGPTConfig) -> None:
         super().__init__(config)
-        self.visual_tower = EventVisualTower(config.vision_config)
+        self.visual_tower = EventVisualTower(config.vision_config, getattr(config, "pixel_dtype", None))
         self.visual_projector = nn.Sequential(
             nn.Linear(config.vision_config.hidden_size, config.hidden_size),
             nn.GELU(),  # exact (erf) GELU, as the authors' code
@@ -120,6 +127,7 @@ class EventGPTModel(LlamaModel):
 class EventGPTForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = EventGPTConfig
     base_model_prefix = "model"
+    _supports_sdpa = True  # the authors' LLaMA runs SDPA (transformers' default where a model allows it)
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
 
     def __init__(self, config: EventGPTConfig) -> None:

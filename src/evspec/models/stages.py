@@ -154,8 +154,7 @@ class EventGPTStages(LanguageStages):
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[T, 3, S, S] -> CLIP last hidden state [T, P, D] (CLS kept, before post_layernorm)."""
-        tower = self.model.model.visual_tower
-        return tower(pixel_values.to(self.device, tower.visual_tower.dtype))
+        return self.model.model.visual_tower(pixel_values.to(self.device))
 
     @torch.no_grad()
     def project(self, vision_tokens: torch.Tensor) -> torch.Tensor:

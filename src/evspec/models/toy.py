@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, VideoLlavaForConditionalGeneration
+from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
-from evspec.errors import InputError
-from evspec.models.checkpoint import load_eventgpt, load_video_llava
+from evspec.models.checkpoint import load_draft_tokenizer, load_eventgpt, load_tokenizer, load_video_llava
 from evspec.models.configs import small_vision_config, tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.prompts import VICUNA_V1_SYSTEM
@@ -47,8 +46,8 @@ class ToyShape:
 class ModelPair:
     draft: EventGPTForCausalLM
     target: VideoLlavaForConditionalGeneration
-    draft_tokenizer: PreTrainedTokenizerFast
-    target_tokenizer: PreTrainedTokenizerFast
+    draft_tokenizer: PreTrainedTokenizerBase
+    target_tokenizer: PreTrainedTokenizerBase
 
 
 def toy_corpus() -> list[str]:
@@ -85,18 +84,12 @@ def save_pair(pair: ModelPair, directory: Path) -> None:
     pair.target_tokenizer.save_pretrained(directory / "target_tokenizer")
 
 
-def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """A local tokenizer directory (nothing is downloaded)."""
-    try:
-        return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise InputError(directory, f"cannot load tokenizer: {error}") from error
-
-
 def load_pair(draft: str | Path, target: str | Path, draft_tokenizer: str | Path, target_tokenizer: str | Path,
-              dtype: torch.dtype = torch.float32, device: str = "cpu", draft_device: str | None = None) -> ModelPair:  # fmt: skip
+              dtype: torch.dtype = torch.float32, device: str = "cpu", draft_device: str | None = None,
+              draft_pixel_dtype: str | None = None, draft_vision_tower: str | None = None) -> ModelPair:  # fmt: skip
     """Load a pair from local directories (the draft on `draft_device` if given), checking the target tokenizer."""
     target_tok = load_tokenizer(target_tokenizer)
     require_tokens(target_tok, ("<video>",), target_tokenizer)
-    return ModelPair(load_eventgpt(draft, dtype).to(draft_device or device), load_video_llava(target, dtype).to(device),
-                     load_tokenizer(draft_tokenizer), target_tok)  # fmt: skip
+    draft_model = load_eventgpt(draft, dtype, draft_pixel_dtype, draft_vision_tower).to(draft_device or device)
+    draft_tok = load_draft_tokenizer(draft_tokenizer, draft_model.lm_head.out_features)
+    return ModelPair(draft_model, load_video_llava(target, dtype).to(device), draft_tok, target_tok)

@@ -87,6 +87,8 @@ class SpecSettings:
     device: str = "cpu"
     draft_device: str | None = None  # e.g. "cuda:1": the draft on a second GPU (prefill overlaps across GPUs)
     dtype: str = "float32"
+    draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
+    draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
     threads: int = 2
 
     def __post_init__(self) -> None:
