@@ -11,12 +11,15 @@ from transformers import VideoLlavaForConditionalGeneration
 from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
-from evspec.spec.decode import Sampler, decode_speculative, decode_target
+from evspec.models.tokenizer import SharedVocabulary
+from evspec.spec.decode import decode_speculative, decode_target
 from evspec.spec.drafters import TokenDrafter
 from evspec.spec.fast_llama import FastLlama
+from evspec.spec.sampling import Sampler
 
 pytestmark = pytest.mark.gpu
 VOCAB = 60
+SHARED = SharedVocabulary(torch.ones(VOCAB, dtype=torch.bool), unknown_id=0)
 
 
 def _engine(stages, prompt_embeds, max_length=256, compile=False):
@@ -44,7 +47,7 @@ def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed,
     for k in (1, 4):
         engine.rewind(40)
         draft_engine, _ = _engine(draft, torch.randn(1, 12, 32, device="cuda"))
-        result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, VOCAB, VOCAB + 2), k, 20, 2, Sampler())
+        result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, SHARED, VOCAB + 2, Sampler()), k, 20, 2, Sampler())
         assert result.output_ids == reference
 
 
@@ -58,5 +61,80 @@ def test_draft_on_a_second_gpu_stays_lossless():
     reference = decode_target(engine, prefill.logits, 20, 2, Sampler()).output_ids
     engine.rewind(40)
     draft_engine, _ = _engine(draft, torch.randn(1, 12, 32, device="cuda:1"))
-    result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, VOCAB, VOCAB + 2), 3, 20, 2, Sampler())
+    result = decode_speculative(engine, prefill, TokenDrafter(draft_engine, SHARED, VOCAB + 2, Sampler()), 3, 20, 2, Sampler())
     assert result.output_ids == reference
+
+
+def test_speculative_sampling_follows_the_target_law_on_cuda_graphs(monkeypatch):
+    """The CPU distribution test of tests/test_sampling.py, on CUDA graphs and CUDA random streams."""
+    from test_sampling import CASES, test_speculative_sampling_follows_the_target_law_at_every_position
+
+    kind, k, spec = CASES[0]
+    test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cuda")
+
+
+# ---- every model stage of the pipeline on CUDA (the configuration `models.device: cuda` runs) ------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_feature_extraction_and_adapter_training_run_on_cuda(tiny_pair_dir, tiny_data, tmp_path, dtype):
+    from evspec.adapter.train import AdapterSettings, train_adapter
+    from evspec.features.extract import FeatureSettings, extract_features
+    from evspec.features.store import FeatureReader
+
+    settings = FeatureSettings(max_new_tokens=5, batch_clips=3, device="cuda", dtype=dtype)
+    extract_features("video_llava", tiny_pair_dir / "target", tiny_pair_dir / "target_tokenizer", tiny_data,
+                     tmp_path / "video_llava.h5", settings)  # fmt: skip
+    extract_features("eventgpt", tiny_pair_dir / "draft", tiny_pair_dir / "draft_tokenizer", tiny_data,
+                     tmp_path / "eventgpt.h5", settings, tmp_path / "video_llava.h5", tiny_pair_dir / "target_tokenizer")  # fmt: skip
+    if dtype == "float32":  # the CPU cache of the same pair holds the same answers and states
+        cpu = tmp_path / "cpu.h5"
+        extract_features("video_llava", tiny_pair_dir / "target", tiny_pair_dir / "target_tokenizer", tiny_data, cpu,
+                         FeatureSettings(max_new_tokens=5, batch_clips=3))  # fmt: skip
+        ids = list(__import__("pandas").read_parquet(tiny_data / "manifest.parquet")["sample_id"])
+        for gpu_record, cpu_record in zip(FeatureReader(tmp_path / "video_llava.h5").records(ids, ("answer_ids", "hidden")),
+                                          FeatureReader(cpu).records(ids, ("answer_ids", "hidden"))):  # fmt: skip
+            assert gpu_record["answer_ids"].tolist() == cpu_record["answer_ids"].tolist()
+            torch.testing.assert_close(torch.as_tensor(gpu_record["hidden"]), torch.as_tensor(cpu_record["hidden"]),
+                                       atol=1e-3, rtol=1e-3)  # fmt: skip
+    metrics = train_adapter(tmp_path, tiny_data, tiny_pair_dir / "target", tiny_pair_dir / "draft", settings,
+                            AdapterSettings(adapter_steps=5, head_steps=5, unroll_steps=1, batch_size=4, device="cuda"),
+                            tmp_path / "adapter")  # fmt: skip
+    assert {"linear", "adapter", "head", "head-text-only"} <= set(metrics["rows"])
+
+
+@pytest.mark.parametrize("dtype, temperature", [("float32", 0.0), ("bfloat16", 0.0), ("float32", 0.9)])
+def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path, dtype, temperature):
+    from evspec.adapter.modules import DraftHead, HeadConfig
+    from evspec.models.checkpoint import DTYPES
+    from evspec.models.toy import load_pair
+    from evspec.spec.run import SpecSettings, speculate
+    from evspec.spec.summary import summarize
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer", DTYPES[dtype], "cuda")  # fmt: skip
+    torch.manual_seed(0)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    settings = SpecSettings(max_new_tokens=8, max_clips=3, split="train", device="cuda", dtype=dtype,
+                            temperature=temperature, top_p=0.9 if temperature else 1.0, lossless_clips=1,
+                            lossless_draws=20, lossless_tokens=3,
+                            draft_lengths={"hf-assisted": [2], "token": [3], "feature": [2], "prefill": [2]})  # fmt: skip
+    frames = speculate(pair, head.to("cuda", DTYPES[dtype]), tiny_data, settings, 0, 1, tmp_path)
+    for method in ("target", "hf-generate", "token", "feature", "prefill"):
+        assert (frames[method]["status"] == "ok").all(), method
+    if temperature == 0.0 and dtype == "float32":  # lossless in fp32: every method's ids are the target's
+        for method in ("hf-generate", "token", "feature", "prefill"):
+            assert frames[method]["exact_match"].all(), method
+    if temperature:
+        assert len(frames["lossless"]) > 0
+    summary = summarize(tmp_path, tmp_path / "summary.json")
+    assert summary["device"].startswith("NVIDIA")
+
+
+def test_stage_timing_runs_on_cuda(tiny_pair_dir, tmp_path):
+    from evspec.bench.stages import BenchSettings, bench_stages
+
+    parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
+    frame = bench_stages(BenchSettings(device="cuda", repeats=2, warmup=1, verify_lengths=[2]),
+                         {part: tiny_pair_dir / part for part in parts}, tmp_path / "stages.parquet")  # fmt: skip
+    assert {"vision", "prefill", "decode_step_fast_engine", "verify", "draft_head_step"} <= set(frame["stage"])

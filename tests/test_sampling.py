@@ -63,8 +63,9 @@ def test_sampling_spec_equals_transformers_warpers(spec):
 class Pair:
     """A target LLaMA and a draft made from it with perturbed weights, both with a prompt prefilled."""
 
-    def __init__(self, seed: int, noise: float, head_std: float) -> None:
+    def __init__(self, seed: int, noise: float, head_std: float, device: str = "cpu") -> None:
         torch.manual_seed(seed)
+        self.device = device
         self.target = LlamaModel(LlamaConfig(**small_text_config(TARGET_VOCAB))).eval()
         self.target_head = torch.nn.Linear(32, TARGET_VOCAB, bias=False)
         torch.nn.init.normal_(self.target_head.weight, std=head_std)  # peaked, position-dependent distributions
@@ -76,6 +77,9 @@ class Pair:
         self.draft_head.weight.data = self.target_head.weight.data[:DRAFT_VOCAB] * (1 + noise * torch.randn(DRAFT_VOCAB, 32))
         self.prompt = torch.randn(1, PROMPT_LENGTH, 32)
         self.vocabulary = SharedVocabulary(torch.arange(DRAFT_VOCAB) < N_SHARED, unknown_id=0)
+        for module in (self.target, self.target_head, self.draft, self.draft_head):
+            module.to(device)
+        self.prompt = self.prompt.to(device)
 
     def engines(self):
         target = FastLlama(self.target, self.target_head, 64)
@@ -85,11 +89,12 @@ class Pair:
     @torch.no_grad()
     def reference_probabilities(self, answers: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
         """p(. | prompt, answer[:i]) for every draw and position: [draws, n, V], transformers throughout."""
+        answers = answers.to(self.device)
         draws, n = answers.shape
         embeds = torch.cat([self.prompt.expand(draws, -1, -1), self.target.embed_tokens(answers[:, :-1])], dim=1)
         logits = self.target_head(self.target(inputs_embeds=embeds).last_hidden_state[:, PROMPT_LENGTH - 1 :])
         flat = _transformers_warpers(spec)(None, logits.reshape(draws * n, -1).float())
-        return flat.softmax(-1).view(draws, n, -1)
+        return flat.softmax(-1).view(draws, n, -1).cpu()
 
 
 def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int, sampler: Sampler):
@@ -99,15 +104,16 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
         return PrefetchedDrafter.draft_ahead(draft, draft_prefill.logits, k, pair.vocabulary, TARGET_VOCAB, sampler)
     torch.manual_seed(3)
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
-    return HeadDrafter(head.eval(), torch.randn(5, 32), pair.target.embed_tokens, pair.target_head, sampler)
+    return HeadDrafter(head.eval().to(pair.device), torch.randn(5, 32), pair.target.embed_tokens, pair.target_head,
+                       sampler)  # fmt: skip
 
 
 def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed: int = 0, noise: float = 0.1,
-          head_std: float = 0.7):
+          head_std: float = 0.7, device: str = "cpu"):
     """`draws` answers of n_tokens, their cycle counts, and the reference law along them."""
-    pair = Pair(seed=1, noise=noise, head_std=head_std)
-    target_sampler = Sampler(spec, torch.Generator().manual_seed(seed))
-    draft_sampler = Sampler(spec, torch.Generator().manual_seed(seed + 1))
+    pair = Pair(seed=1, noise=noise, head_std=head_std, device=device)
+    target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
+    draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
     target, target_prefill, draft, draft_prefill = pair.engines()
     answers, cycles, full, ids_not_shared = [], 0, 0, 0
     for _ in range(draws):
@@ -159,13 +165,13 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
 
 
 @pytest.mark.parametrize("kind, k, spec", CASES, ids=[f"{c[0]}-k{c[1]}" for c in CASES])
-def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch):
+def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cpu"):
     n_tokens = 2 * k + 3  # several cycles: every draft position and the bonus reach the output
-    answers, reference, cycles, full, not_shared = _draw(kind, k, spec, n_tokens, draws=400)
+    answers, reference, cycles, full, not_shared = _draw(kind, k, spec, n_tokens, draws=400, device=device)
     assert full >= 30, "the bonus path (all k accepted) must run"
     assert cycles - full >= 30, "the residual path (a rejection) must run"
     assert not_shared >= 30, "ids the draft cannot propose must still reach the output"
     assert _p_value(answers, reference) > 1e-3
     monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)
-    control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200)
+    control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200, device=device)
     assert _p_value(control, control_reference) < 1e-4, "the test must tell a wrong law apart"
