@@ -76,6 +76,18 @@ def test_speculative_sampling_follows_the_target_law_on_cuda_graphs(monkeypatch)
 # ---- every model stage of the pipeline on CUDA (the configuration `models.device: cuda` runs) ------------
 
 
+def test_toy_training_runs_on_cuda(tiny_data, tmp_path):
+    from conftest import TINY_TOY
+
+    from evspec.models.toy import ToyShape
+    from evspec.train.toy import ToySettings, train_toy
+
+    settings = ToySettings(shape=ToyShape(**TINY_TOY), steps=3, batch_size=4, warmup_steps=1, device="cuda")
+    metrics = train_toy(tiny_data / "manifest.parquet", tiny_data / "tensors.h5", tmp_path / "toy", tmp_path / "m.json",
+                        settings)  # fmt: skip
+    assert (tmp_path / "toy" / "target" / "config.json").is_file() and metrics
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_feature_extraction_and_adapter_training_run_on_cuda(tiny_pair_dir, tiny_data, tmp_path, dtype):
     from evspec.adapter.train import AdapterSettings, train_adapter

@@ -13,7 +13,8 @@ rule bench_stages:
         settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
         pair=(" ".join(f"--{part.replace('_', '-')} {path}" for part, path in model_paths().items())
               if BENCH["scale"] == "pair" else ""),
-        code=code_version(*CORE_MODULES, "bench", "models", "spec/fast_llama.py"),
+        code=code_version(*CORE_MODULES, "bench", "models", "adapter/modules.py", "spec/fast_llama.py", "spec/sampling.py",
+                            "spec/drafters.py"),
     threads: BENCH["threads"]
     resources:
         gpu=1 if MODELS["device"] == "cuda" else 0,

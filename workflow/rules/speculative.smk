@@ -44,7 +44,7 @@ rule spec_summary:
         f"{SPEC}/summary.json",
     params:
         spec_dir=SPEC,
-        code=code_version(*CORE_MODULES, "spec/summary.py", "adapter/metrics.py"),
+        code=code_version(*CORE_MODULES, "spec/summary.py", "spec/cost.py", "spec/lossless.py"),
     log:
         f"{LOGS}/spec_summary.log",
     shell:

@@ -33,10 +33,3 @@ def alignment_metrics(predicted: list[torch.Tensor], actual: list[torch.Tensor],
         "accepted_prefix_fraction": float(np.mean(runs)),
         "n_tokens": int(flat.numel()),
     }
-
-
-def expected_tokens_per_cycle(alpha: float, draft_length: int) -> float:
-    """(1 - alpha^(k+1)) / (1 - alpha): tokens per target forward with k drafted, bonus included."""
-    if alpha >= 1.0:
-        return float(draft_length + 1)
-    return (1 - alpha ** (draft_length + 1)) / (1 - alpha)
