@@ -156,11 +156,11 @@ def _accept_every_draft(logits, draft_ids, draft_probs, sampler):
 
 
 CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and top-p, every drafter
-    ("token", 4, SamplingSpec(0.7, top_p=0.9)),
+    ("token", 4, SamplingSpec(0.9, top_p=0.7)),
     ("token", 2, SamplingSpec(1.5, top_k=4)),
     ("token", 1, SamplingSpec(0.6)),
     ("head", 2, SamplingSpec(2.0, top_p=0.95)),
-    ("prefetched", 4, SamplingSpec(0.8)),
+    ("prefetched", 4, SamplingSpec(0.8, top_p=0.8)),
 ]
 
 
