@@ -115,8 +115,13 @@ def test_feature_extraction_and_adapter_training_run_on_cuda(tiny_pair_dir, tiny
     assert {"linear", "adapter", "head", "head-text-only"} <= set(metrics["rows"])
 
 
-@pytest.mark.parametrize("dtype, temperature", [("float32", 0.0), ("bfloat16", 0.0), ("float32", 0.9)])
-def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path, dtype, temperature):
+SECOND_GPU = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+
+@pytest.mark.parametrize("dtype, temperature, draft_device", [
+    ("float32", 0.0, None), ("bfloat16", 0.0, None), ("float32", 0.9, None),
+    pytest.param("float32", 0.0, "cuda:1", marks=SECOND_GPU), pytest.param("float32", 0.9, "cuda:1", marks=SECOND_GPU)])
+def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path, dtype, temperature, draft_device):
     from evspec.adapter.modules import DraftHead, HeadConfig
     from evspec.models.checkpoint import DTYPES
     from evspec.models.toy import load_pair
@@ -124,10 +129,11 @@ def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path,
     from evspec.spec.summary import summarize
 
     pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
-                     tiny_pair_dir / "target_tokenizer", DTYPES[dtype], "cuda")  # fmt: skip
+                     tiny_pair_dir / "target_tokenizer", DTYPES[dtype], "cuda", draft_device)  # fmt: skip
     torch.manual_seed(0)
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
-    settings = SpecSettings(max_new_tokens=8, max_clips=3, split="train", device="cuda", dtype=dtype,
+    settings = SpecSettings(max_new_tokens=8, max_clips=3, split="train", device="cuda", draft_device=draft_device,
+                            dtype=dtype,
                             temperature=temperature, top_p=0.9 if temperature else 1.0, lossless_clips=1,
                             lossless_draws=20, lossless_tokens=3,
                             draft_lengths={"hf-assisted": [2], "token": [3], "feature": [2], "prefill": [2]})  # fmt: skip

@@ -3,8 +3,9 @@
 The reference law is independent of the engine: transformers' LLaMA forward over the sampled
 prefix, warped by transformers' own logits processors (temperature, top-k, top-p). For each
 answer position i, the tokens drawn there are compared with the expected counts
-E[v] = sum over draws of p(v | that draw's prefix) by Pearson's statistic; the increments are
-martingale differences, so the test is valid (conservative) although prefixes differ. Answers
+E[v] = sum over draws of p(v | that draw's prefix) by Pearson's statistic (the increments are
+martingale differences, so the test is valid, if conservative, although prefixes differ), and
+the first k + 1 tokens are compared with their exact joint law, every prefix enumerated. Answers
 are longer than k + 1 and span several cycles, so every draft position, the residual after a
 rejection and the bonus after a full acceptance all reach the output; each test checks that
 both paths ran, and its negative control (acceptance replaced by "keep every draft") must fail.
@@ -111,11 +112,11 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
 def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed: int = 0, noise: float = 0.1,
           head_std: float = 0.7, device: str = "cpu"):
     """`draws` answers of n_tokens, their cycle counts, and the reference law along them."""
-    pair = Pair(seed=1, noise=noise, head_std=head_std, device=device)
+    pair = Pair(seed=3, noise=noise, head_std=head_std, device=device)  # a first token the draft can guess
     target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
     draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
     target, target_prefill, draft, draft_prefill = pair.engines()
-    answers, cycles, full, ids_not_shared = [], 0, 0, 0
+    answers, cycles, full, ids_not_shared, prefetched = [], 0, 0, 0, 0
     for _ in range(draws):
         target.rewind(PROMPT_LENGTH)
         draft.rewind(PROMPT_LENGTH)
@@ -123,30 +124,43 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
         result = decode_speculative(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
         assert len(result.output_ids) == n_tokens
         answers.append(result.output_ids)
+        prefetched += kind == "prefetched" and int(drafter.guesses[0]) == result.output_ids[0]
         cycles += result.target_forwards
         full += result.accepted_per_position[-1]
         ids_not_shared += sum(token >= N_SHARED for token in result.output_ids)
     answers = torch.tensor(answers)
-    return answers, pair.reference_probabilities(answers, spec), cycles, full, ids_not_shared
+    paths = {"bonus": full, "residual": cycles - full, "ids the draft cannot propose": ids_not_shared,
+             "drafts made ahead": prefetched}  # fmt: skip
+    return answers, pair.reference_probabilities(answers, spec), paths, pair
 
 
-def _p_value(answers: torch.Tensor, reference: torch.Tensor) -> float:
-    """Bonferroni over positions of Pearson's test of observed vs expected counts (cells with E < 5 merged)."""
+def _pearson_p_value(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's goodness of fit, the least likely cells merged until their expectation reaches 5."""
+    observed, expected = observed.double(), expected.double()
+    order = torch.argsort(expected)
+    merged = int(torch.searchsorted(expected[order].cumsum(0), torch.tensor(5.0, dtype=torch.float64))) + 1
+    small, large = order[:merged], order[merged:]
+    observed = torch.cat([observed[large], observed[small].sum()[None]])
+    expected = torch.cat([expected[large], expected[small].sum()[None]])
+    if len(expected) < 2:
+        return 1.0
+    return float(chi2.sf(float(((observed - expected) ** 2 / expected).sum()), len(expected) - 1))
+
+
+def _p_value(answers: torch.Tensor, reference: torch.Tensor, pair: Pair, spec: SamplingSpec, k: int) -> float:
+    """Bonferroni over two kinds of test: each position's tokens against the expected counts
+    E[v] = sum over draws of p(v | that draw's prefix), and the exact joint law of the first k + 1
+    tokens (every prefix enumerated), which sees how the positions of the first cycle depend on each other."""
     n_tokens = answers.shape[1]
-    smallest = 1.0
-    for position in range(n_tokens):
-        observed = torch.bincount(answers[:, position], minlength=TARGET_VOCAB).double()
-        expected = reference[:, position].sum(0).double()
-        order = torch.argsort(expected)
-        merged = int(torch.searchsorted(expected[order].cumsum(0), torch.tensor(5.0, dtype=torch.float64))) + 1
-        small = order[:merged]  # the least likely cells, merged until their expectation reaches 5
-        large = order[merged:]
-        observed = torch.cat([observed[large], observed[small].sum()[None]])
-        expected = torch.cat([expected[large], expected[small].sum()[None]])
-        statistic = float(((observed - expected) ** 2 / expected).sum())
-        if len(expected) > 1:
-            smallest = min(smallest, float(chi2.sf(statistic, len(expected) - 1)))
-    return min(1.0, n_tokens * smallest)
+    p_values = [_pearson_p_value(torch.bincount(answers[:, i], minlength=TARGET_VOCAB), reference[:, i].sum(0))
+                for i in range(n_tokens)]  # fmt: skip
+    m = k + 1
+    sequences = torch.cartesian_prod(*[torch.arange(TARGET_VOCAB)] * m).view(-1, m)  # every first cycle: [V^m, m]
+    conditional = pair.reference_probabilities(sequences, spec)  # [V^m, m, V]
+    joint = conditional.gather(-1, sequences[..., None])[..., 0].prod(-1)  # [V^m]
+    index = (answers[:, :m] * TARGET_VOCAB ** torch.arange(m - 1, -1, -1)).sum(-1)  # row of each draw's first cycle
+    p_values.append(_pearson_p_value(torch.bincount(index, minlength=len(joint)), joint * len(answers)))
+    return min(1.0, len(p_values) * min(p_values))
 
 
 def _accept_every_draft(logits, draft_ids, draft_probs, sampler):
@@ -167,11 +181,11 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
 @pytest.mark.parametrize("kind, k, spec", CASES, ids=[f"{c[0]}-k{c[1]}" for c in CASES])
 def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cpu"):
     n_tokens = 2 * k + 3  # several cycles: every draft position and the bonus reach the output
-    answers, reference, cycles, full, not_shared = _draw(kind, k, spec, n_tokens, draws=400, device=device)
-    assert full >= 30, "the bonus path (all k accepted) must run"
-    assert cycles - full >= 30, "the residual path (a rejection) must run"
-    assert not_shared >= 30, "ids the draft cannot propose must still reach the output"
-    assert _p_value(answers, reference) > 1e-3
+    answers, reference, paths, pair = _draw(kind, k, spec, n_tokens, draws=400, device=device)
+    for path, count in paths.items():  # each path ran often enough to matter: the bonus after k acceptances,
+        if path != "drafts made ahead" or kind == "prefetched":  # the residual after a rejection, target-only ids
+            assert count >= 30, f"{path}: {count} times"
+    assert _p_value(answers, reference, pair, spec, k) > 1e-3
     monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)
     control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200, device=device)
-    assert _p_value(control, control_reference) < 1e-4, "the test must tell a wrong law apart"
+    assert _p_value(control, control_reference, pair, spec, k) < 1e-4, "the test must tell a wrong law apart"
