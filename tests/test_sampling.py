@@ -189,3 +189,34 @@ def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, 
     monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)
     control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200, device=device)
     assert _p_value(control, control_reference, pair, spec, k) < 1e-4, "the test must tell a wrong law apart"
+
+
+def _proposals(kind: str, spec: SamplingSpec, k: int, draws: int):
+    """`draws` proposals of k drafts from the same committed state: ids [draws, k] and their q [draws, k, V]."""
+    pair = Pair(seed=3, noise=0.1, head_std=0.7)
+    target, target_prefill, draft, draft_prefill = pair.engines()
+    sampler = Sampler(spec, torch.Generator().manual_seed(5))
+    ids, q = [], []
+    for _ in range(draws):
+        draft.rewind(PROMPT_LENGTH)
+        drafter = _drafter(kind, pair, draft, draft_prefill, target, k, sampler)
+        first = int(drafter.guesses[0]) if kind == "prefetched" else 3  # prefetched: its drafts made ahead are used
+        drafter.start(first, target_prefill.hidden[0, -1])
+        proposed, probabilities = drafter.propose(k)
+        ids.append(proposed)
+        q.append(probabilities)
+    return torch.stack(ids), torch.stack(q)
+
+
+@pytest.mark.parametrize("kind", ["token", "head", "prefetched"])
+@pytest.mark.parametrize("spec", [SamplingSpec(0.5), SamplingSpec(1.5, top_p=0.8)], ids=["t0.5", "t1.5-p0.8"])
+def test_each_drafter_returns_the_distribution_its_drafts_were_drawn_from(kind, spec):
+    """The acceptance rule is only as right as q: at every draft position the drafted ids must follow the q
+    the drafter returned (observed counts against the summed q rows). Control: drafts drawn at twice the
+    temperature, against the q of this one (position 1, whose context every proposal shares)."""
+    k = 3
+    ids, q = _proposals(kind, spec, k, draws=300)
+    p_values = [_pearson_p_value(torch.bincount(ids[:, i], minlength=TARGET_VOCAB), q[:, i].sum(0)) for i in range(k)]
+    assert min(p_values) * k > 1e-3
+    hotter, _ = _proposals(kind, SamplingSpec(spec.temperature * 2, spec.top_k, spec.top_p), k, draws=300)
+    assert _pearson_p_value(torch.bincount(hotter[:, 0], minlength=TARGET_VOCAB), q[:, 0].sum(0)) < 1e-4
