@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_FEATURES_KW
 from evspec.adapter.data import load_clips
-from evspec.adapter.metrics import alignment_metrics, expected_tokens_per_cycle
+from evspec.adapter.metrics import alignment_metrics
 from evspec.adapter.modules import AdapterConfig, AlignmentAdapter, DraftHead, HeadConfig
 from evspec.adapter.train import AdapterSettings, train_adapter
 from evspec.errors import InputError
@@ -73,12 +73,6 @@ def test_alignment_metrics_on_known_cases():
     partial = alignment_metrics(predicted, actual, [torch.arange(4)], lm_head)
     assert partial["top1_agreement"] == 0.75
     assert partial["accepted_prefix_fraction"] == 0.5  # the run stops at the first disagreement
-
-
-def test_expected_tokens_per_cycle_matches_the_geometric_sum():
-    assert expected_tokens_per_cycle(0.0, 4) == 1.0
-    assert expected_tokens_per_cycle(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
-    assert expected_tokens_per_cycle(1.0, 4) == 5.0
 
 
 def test_draft_head_is_causal_and_the_text_only_head_ignores_events():

@@ -19,7 +19,8 @@ def _cycles(rates: list[float], n: int, seed: int = 0) -> np.ndarray:
 def test_tokens_per_cycle_follows_the_conditional_rates_not_alpha():
     accepted = _cycles([0.8] * 4, 200_000)
     counts = [int((accepted >= i).sum()) for i in range(1, 5)]  # cycles accepting >= i drafts
-    rates = conditional_acceptance(counts, len(accepted))
+    reached = [len(accepted), *counts[:-1]]  # cycles accepting >= i - 1 drafts
+    rates = conditional_acceptance(counts, reached)
     produced = float(np.mean(accepted + 1))  # what the decoder yields per cycle
     assert expected_tokens_per_cycle(rates) == pytest.approx(produced)  # an identity on the same cycles
     assert produced == pytest.approx(1 + 0.8 + 0.8**2 + 0.8**3 + 0.8**4, abs=0.01)  # 3.36
@@ -29,7 +30,7 @@ def test_tokens_per_cycle_follows_the_conditional_rates_not_alpha():
 
 
 def test_rates_differ_by_position_and_unreached_positions_add_nothing():
-    rates = conditional_acceptance([90, 45, 0, 0], 100)
+    rates = conditional_acceptance([90, 45, 0, 0], [100, 90, 45, 0])
     assert rates == [0.9, 0.5, 0.0, None]
     assert expected_tokens_per_cycle(rates) == pytest.approx(1 + 0.9 + 0.45)
     # cycle cost: 4 drafts at c = 0.1 plus a verify of 1.2 steps
@@ -39,7 +40,8 @@ def test_rates_differ_by_position_and_unreached_positions_add_nothing():
 def _row(method: str, k: int, decode_ms: float, new_tokens: int, **extra) -> dict:
     return {"sample_id": "s/0", "method": method, "k": k, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
             "output_ids": list(range(new_tokens)), "new_tokens": new_tokens, "target_forwards": new_tokens,
-            "drafted": 0, "accepted": 0, "accepted_per_position": [], "drafted_per_position": [], "ttft_ms": 10.0,
+            "drafted": 0, "accepted": 0, "accepted_per_position": [], "reached_per_position": [],
+            "drafted_per_position": [], "ttft_ms": 10.0,
             "draft_setup_ms": 0.0, "decode_ms": decode_ms, "total_ms": 10.0 + decode_ms, "device": "cpu",
             "overlapped": False, "status": "ok", "exact_match": True, "draft_token_ms": None,
             "target_step_ms": None, "verify_ms": None, **extra}  # fmt: skip
@@ -52,7 +54,8 @@ def test_decode_phase_speedup_excludes_the_drafters_setup_and_matches_the_predic
     # 9 decode tokens in 3 cycles of 2 drafts (accepted 2, 2, 2: tokens per cycle 3); each cycle costs
     # 2 draft tokens at 2 ms + a 12 ms verify = 16 ms; the draft's own set-up (40 ms) is not decode time
     token = _row("token", 2, decode_ms=48.0, new_tokens=10, target_forwards=4, drafted=6, accepted=6,
-                 accepted_per_position=[3, 3], drafted_per_position=[3, 3], draft_setup_ms=40.0,
+                 accepted_per_position=[3, 3], reached_per_position=[3, 3], drafted_per_position=[3, 3],
+                 draft_setup_ms=40.0,
                  total_ms=98.0, draft_token_ms=2.0, target_step_ms=10.0, verify_ms=12.0)  # fmt: skip
     pd.DataFrame([token]).to_parquet(tmp_path / "token/shard-0.parquet")
     summary = summarize(tmp_path, tmp_path / "summary.json")

@@ -35,7 +35,7 @@ def results(tmp_path):
                            _spec_entry("feature", 4, 1.87, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
                                        decode_speedup_ci95=[2.4, 2.6], predicted_decode_speedup=2.61, cost_ratio=0.141,
                                        verify_ratio=1.18, tokens_per_cycle=3.41, cycles=100,
-                                       accepted_by_position=[90, 80, 70, 60],
+                                       reached_by_position=[100, 90, 80, 70], accepted_by_position=[90, 80, 70, 60],
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
@@ -79,7 +79,7 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]
     assert ("| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 2.40-2.60 | 2.61 | 0.141 | 1.18 | 3.41 | 3.21 | 81.2% | 11.50 | 0.00"
             " | 20.00 | 100.0% of clips identical |") in text["speculative"]
-    assert "| feature | 4 | 100 | 90, 80, 70, 60 | 90.0%, 88.9%, 87.5%, 85.7% |" in text["speculative"]
+    assert "| feature | 4 | 100 | 100, 90, 80, 70 | 90, 80, 70, 60 | 90.0%, 88.9%, 87.5%, 85.7% |" in text["speculative"]
     assert "6.378 ms" in text["speculative"]
     for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"

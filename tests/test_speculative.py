@@ -100,3 +100,16 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
     assert entries[("target", 0)]["speedup_median"] == 1.0
     assert "predicted_decode_speedup" in entries[("token", 3)]
+
+
+def test_drafts_past_the_answers_end_are_not_counted():
+    """The target drafting for itself accepts every draft; with 3 tokens wanted and k = 4, the one cycle
+    needs positions 1 and 2 only (the first token came from the prefill): the others count neither way."""
+    target, _ = _models(60, 0)
+    prompt = [5, 7, 9]
+    engine, prefill, ids, _ = _prefilled(target, 8, prompt, 400, 0)
+    drafter = TokenDrafter(_prefilled(copy.deepcopy(target), 8, prompt, 400, 0)[0], shared(62), 62, Sampler())
+    result = decode_speculative(engine, prefill, drafter, 4, 3, None, Sampler())
+    assert len(result.output_ids) == 3 and result.target_forwards == 1
+    assert (result.drafted, result.accepted) == (2, 2)
+    assert result.drafted_per_position == result.reached_per_position == result.accepted_per_position == [1, 1, 0, 0]

@@ -4,14 +4,16 @@ Definitions (the reports quote these; nothing else computes them):
 
 - A cycle drafts k tokens and verifies them in one target forward of k + 1 tokens; it yields
   the accepted drafts plus one token of the target's own (the bonus, or the correction).
+- Only draft positions inside the answer count: a draft past the answer's end (after its `</s>`
+  or its last allowed token) is verified but not needed, so it is neither accepted nor rejected.
 - alpha = accepted drafts / drafted drafts, pooled over cycles.
 - Conditional acceptance at position i (EAGLE's n-alpha): P(draft i accepted | drafts 1..i-1
-  accepted) = cycles accepting >= i drafts / cycles accepting >= i - 1 (position 1: / cycles).
+  accepted) = cycles accepting draft i / cycles reaching it (drafts 1..i-1 accepted).
   Per-position rates differ (later drafts condition on more of the draft's own guesses), so
   alpha^i is not the chance of accepting i drafts: the independent formula
   (1 - alpha^(k+1)) / (1 - alpha) undercounts whenever early positions are easier.
 - Tokens per cycle: E = 1 + sum_i prod_{j <= i} a_j, the mean of (accepted + 1) over cycles
-  (an identity when the a_j are measured on the same cycles).
+  when every cycle needs all k positions (an identity then; the answer's last cycle may need fewer).
 - c = one draft token's time / one target decode step's; v(k) = one verify of k + 1 tokens /
   one target decode step.
 - Decode-phase speedup = the target's decode time per token / the method's, decode phase
@@ -24,10 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def conditional_acceptance(accepted_per_position: Sequence[int], cycles: int) -> list[float | None]:
-    """n-alpha per draft position from counts: accepted_per_position[i] = cycles accepting >= i + 1 drafts."""
-    reached = [cycles, *accepted_per_position[:-1]]
-    return [float(a / r) if r else None for a, r in zip(accepted_per_position, reached)]
+def conditional_acceptance(accepted_per_position: Sequence[int], reached_per_position: Sequence[int]) -> list[float | None]:
+    """n-alpha per draft position from counts: cycles accepting draft i / cycles reaching it (None: never reached)."""
+    return [float(a / r) if r else None for a, r in zip(accepted_per_position, reached_per_position)]
 
 
 def expected_tokens_per_cycle(conditional_rates: Sequence[float | None]) -> float:

@@ -35,8 +35,12 @@ class Decoded:
     target_forwards: int | None = 0  # None where it is not known (transformers' assisted generation)
     drafted: int = 0
     accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # accepted at draft position 1..k
+    # per draft position 1..k, counting only positions inside the answer (a draft past the answer's end
+    # is verified but not needed, so it counts neither way): cycles that drafted it, that reached it (all
+    # earlier drafts accepted), and that accepted it
     drafted_per_position: list[int] = field(default_factory=list)
+    reached_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
     ttft_ms: float = 0.0
 
 
@@ -83,7 +87,7 @@ def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter,
     """Draft k, verify k + 1, keep the agreed prefix plus one target token; repeat."""
     first = sampler.pick(prefill.logits[:, -1])
     tokens = [int(first)]
-    result = Decoded(tokens, accepted_per_position=[0] * k, drafted_per_position=[0] * k)
+    result = Decoded(tokens, drafted_per_position=[0] * k, reached_per_position=[0] * k, accepted_per_position=[0] * k)
     drafter.start(tokens[0], prefill.hidden[0, -1])
     while not _done(tokens, max_new_tokens, eos_token_id):
         base = target.length
@@ -96,13 +100,15 @@ def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter,
         kept = draft_ids[:n_accepted].tolist() + [bonus]
         hidden = out.hidden[0, : n_accepted + 1].clone()  # the states behind the kept tokens
         target.rewind(base + 1 + n_accepted)  # cache keeps `last` and the accepted drafts
+        inside = min(k, len(_finish(kept, max_new_tokens - len(tokens), eos_token_id)))  # positions in the answer
         tokens += kept
         drafter.commit(kept, hidden)
         result.target_forwards += 1
-        result.drafted += k
-        result.accepted += n_accepted
-        for position in range(k):
+        result.drafted += inside
+        result.accepted += min(n_accepted, inside)
+        for position in range(inside):
             result.drafted_per_position[position] += 1
+            result.reached_per_position[position] += int(position <= n_accepted)
             result.accepted_per_position[position] += int(position < n_accepted)
     result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
     return result

@@ -347,9 +347,9 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 
 
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
-           "drafted", "accepted", "accepted_per_position", "drafted_per_position", "ttft_ms", "draft_setup_ms",
-           "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match", "draft_token_ms",
-           "target_step_ms", "verify_ms"]  # fmt: skip
+           "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
+           "draft_setup_ms", "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match",
+           "draft_token_ms", "target_step_ms", "verify_ms"]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 
@@ -367,8 +367,9 @@ def _run_one(runner: Runner, method: str, clip: Clip, k: int, settings: SpecSett
     decoded = timed.decoded
     return {**row, "status": "ok", "output_ids": decoded.output_ids, "new_tokens": len(decoded.output_ids),
             "target_forwards": decoded.target_forwards, "drafted": decoded.drafted, "accepted": decoded.accepted,
-            "accepted_per_position": decoded.accepted_per_position,
-            "drafted_per_position": decoded.drafted_per_position, "ttft_ms": timed.ttft_ms,
+            "drafted_per_position": decoded.drafted_per_position,
+            "reached_per_position": decoded.reached_per_position,
+            "accepted_per_position": decoded.accepted_per_position, "ttft_ms": timed.ttft_ms,
             "draft_setup_ms": timed.draft_setup_ms, "decode_ms": timed.decode_ms, "total_ms": timed.total_ms}  # fmt: skip
 
 

@@ -91,10 +91,12 @@ def summarize(spec_dir: Path, out_path: Path) -> dict:
 
 def _acceptance(ran: pd.DataFrame) -> dict:
     """Counts per draft position, alpha, n-alpha, tokens per cycle, and the cost model's prediction."""
-    accepted = np.sum(np.stack(ran["accepted_per_position"].to_numpy()), axis=0).astype(int)
-    cycles = int(np.sum(np.stack(ran["drafted_per_position"].to_numpy()), axis=0)[0])
-    conditional = conditional_acceptance(accepted.tolist(), cycles)
-    out = {"cycles": cycles, "accepted_by_position": accepted.tolist(),
+    def pooled(column: str) -> list[int]:
+        return np.sum(np.stack(ran[column].to_numpy()), axis=0).astype(int).tolist()
+
+    accepted, reached = pooled("accepted_per_position"), pooled("reached_per_position")
+    conditional = conditional_acceptance(accepted, reached)
+    out = {"cycles": reached[0], "reached_by_position": reached, "accepted_by_position": accepted,
            "alpha": float(ran["accepted"].sum() / ran["drafted"].sum()),
            "conditional_acceptance_by_position": conditional,
            "tokens_per_cycle": expected_tokens_per_cycle(conditional)}  # fmt: skip
