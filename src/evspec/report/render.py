@@ -48,6 +48,7 @@ def render_reports(results: Path, config: dict, model_dirs: dict[str, str], out_
         context["stages"] = stages_section(results, temporary)
         context["alignment"] = alignment_section(results, temporary)
         context["spec"] = speculative_section(results, temporary)
+        context["lossless_alpha"] = LOSSLESS_ALPHA
         context["projection"] = projection(context["spec"], context["stages"]) if context["spec"] and context["stages"] else []
         context["toy"] = _json(results / "models" / "toy-metrics.json")
         context["run_info"] = run_info(config, model_dirs, context)
