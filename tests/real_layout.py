@@ -62,14 +62,10 @@ def write_llama_sentencepiece(path: Path, texts: list[str]) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
-def _texts() -> list[str]:
-    return toy_corpus()
-
-
 def write_real_pair(directory: Path, tower_inside: bool = True, seed: int = 0) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     sentencepiece = directory / "llama-tokenizer.model"
-    write_llama_sentencepiece(sentencepiece, _texts())
+    write_llama_sentencepiece(sentencepiece, toy_corpus())
     torch.manual_seed(seed)
     paths = {"clip": directory / "clip", "draft": directory / "EventGPT-7b", "target": directory / "Video-LLaVA-7B-hf"}
     _write_clip(paths["clip"])

@@ -334,7 +334,9 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
             for row in rows[method]:
                 if row["k"] == k:
                     row.update(costs)
-    draws = _lossless_draws(runner, loaded, set(split["sample_id"].head(settings.lossless_clips)), variants, settings)
+    ran = [(method, k) for method, k in variants  # a variant this pair cannot run gets no draws either
+           if any(row["k"] == k and row["status"] == "ok" for row in rows[method])]  # fmt: skip
+    draws = _lossless_draws(runner, loaded, set(split["sample_id"].head(settings.lossless_clips)), ran, settings)
     frames_out = {}
     for method, method_rows in [*rows.items(), ("lossless", draws)]:
         frame = pd.DataFrame(method_rows, columns=LOSSLESS_COLUMNS if method == "lossless" else COLUMNS)
@@ -383,13 +385,7 @@ def _lossless_draws(runner: Runner | None, loaded: list[Clip], chosen: set[str],
     for clip in tqdm(clips, desc="lossless draws", unit="clip"):
         for method, k in [*variants, (DRAFT_ALONE, 0)]:
             for draw in range(settings.lossless_draws):
-                try:
-                    ids = runner.run(method, clip, k, settings.lossless_tokens).decoded.output_ids
-                except Exception as error:  # hf-assisted may not run on this pair (recorded in its shard)
-                    if method != "hf-assisted":
-                        raise
-                    log.warning("no lossless draws for %s: %s", method, error)
-                    break
+                ids = runner.run(method, clip, k, settings.lossless_tokens).decoded.output_ids
                 rows.append({"sample_id": clip.sample_id, "method": method, "k": k, "draw": draw, "output_ids": ids})
     return rows
 
