@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evspec.spec.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
-from evspec.spec.summary import summarize
+from evspec.speculative.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
+from evspec.speculative.summary import summarize
 
 
 def _cycles(rates: list[float], n: int, seed: int = 0) -> np.ndarray:

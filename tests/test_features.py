@@ -34,19 +34,26 @@ def _records(path, ids, fields=FIELDS):
     return list(FeatureReader(path).records(ids, fields))
 
 
-def test_target_cache_holds_the_stage_apis_greedy_answer_and_its_hidden_states(caches, tiny_pair_dir, tiny_data):
+def test_target_cache_holds_transformers_greedy_answer_and_its_hidden_states(caches, tiny_pair_dir, tiny_data):
+    """The engine's features equal the transformers oracle: `generate`'s answer and the forward's states."""
     manifest = pd.read_parquet(tiny_data / "manifest.parquet")
-    stages = VideoLlavaStages(load_video_llava(tiny_pair_dir / "target"))
+    model = load_video_llava(tiny_pair_dir / "target")
+    stages = VideoLlavaStages(model)
     tokenizer = load_tokenizer(tiny_pair_dir / "target_tokenizer")
     with h5py.File(tiny_data / "tensors.h5") as handle:
         frames = handle["frames"][:]
     ids = list(manifest["sample_id"])
     for row, record in zip(manifest.itertuples(), _records(caches[0], ids)):
         pixels = clip_preprocess(frames[row.tensor_index], stages.image_size)
-        expected = stages.generate(stages.prompt_ids(tokenizer, row.question), pixels, 5, tokenizer.eos_token_id)
+        prompt = stages.prompt_ids(tokenizer, row.question)
+        generated = model.generate(input_ids=prompt, pixel_values_videos=pixels[None], max_new_tokens=5, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)  # fmt: skip
+        expected = generated[0, prompt.shape[1] :].tolist()
         assert record["answer_ids"].tolist() == expected
-        logits = stages.lm_head(torch.from_numpy(record["hidden"]))
-        assert logits.argmax(-1).tolist() == expected  # row i of hidden predicts answer i
+        sequence = torch.cat([prompt, torch.tensor([expected[:-1]])], dim=1)
+        with torch.no_grad():
+            hidden = stages.language_model(inputs_embeds=stages.embed(sequence, stages.project(stages.encode_vision(pixels)))).last_hidden_state
+        np.testing.assert_allclose(record["hidden"], hidden[0, -len(expected) :].numpy(), atol=1e-5)  # row i chose answer i
         assert record["vision"].shape[0] == 8 and record["projected"].shape[0] == 8 * record["vision"].shape[1]
 
 
@@ -61,8 +68,10 @@ def test_draft_cache_is_teacher_forced_along_the_targets_answer(caches, tiny_pai
         answer = [i if i < vocabulary else tokenizer.unk_token_id for i in answer]
         prompt = stages.prompt_ids(tokenizer, row.question)
         forced = torch.cat([prompt, torch.tensor([answer[:-1]])], dim=1)
-        step = stages.prefill(forced, torch.from_numpy(draft["projected"]), stages.new_cache())
-        np.testing.assert_allclose(draft["hidden"], step.hidden[0, -len(answer) :].numpy(), atol=1e-5)
+        embeds = stages.embed(forced, torch.from_numpy(draft["projected"]))
+        with torch.no_grad():  # transformers' own forward is the reference
+            hidden = stages.language_model(inputs_embeds=embeds).last_hidden_state
+        np.testing.assert_allclose(draft["hidden"], hidden[0, -len(answer) :].numpy(), atol=1e-5)
         assert draft["answer_ids"].tolist() == target["answer_ids"].tolist()
 
 

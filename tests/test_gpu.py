@@ -1,4 +1,5 @@
-"""GPU-only: the CUDA-graph steps equal eager steps, and speculative decoding on them stays lossless."""
+"""GPU-only: the engines' CUDA graphs equal eager CPU steps, speculation on them stays lossless, and every
+stage of the pipeline runs on CUDA."""
 
 from __future__ import annotations
 
@@ -12,23 +13,24 @@ from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
-from evspec.spec.decode import decode_speculative, decode_target
-from evspec.spec.drafters import TokenDrafter
-from evspec.spec.fast_llama import FastLlama
-from evspec.spec.sampling import Sampler
+from evspec.speculative.decode import decode_speculative, decode_target
+from evspec.speculative.drafters import TokenDrafter
+from evspec.engine.llama import LlamaEngine
+from evspec.speculative.sampling import Sampler
 
 pytestmark = pytest.mark.gpu
 VOCAB = 60
 SHARED = SharedVocabulary(torch.ones(VOCAB, dtype=torch.bool), unknown_id=0)
 
 
-def _engine(stages, prompt_embeds, max_length=256, compile=False):
-    engine = FastLlama(stages.language_model, stages.lm_head, max_length, compile=compile)
-    return engine, engine.forward_embeds(prompt_embeds)
+def _engine(stages, prompt_embeds, max_length=512, compile=None, split_attention=None):
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length, compile=compile,
+                         split_attention=split_attention)  # fmt: skip
+    return engine, engine.prefill(prompt_embeds)
 
 
-@pytest.mark.parametrize("seed, compile", [(0, False), (1, False), (2, True)])
-def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed, compile):
+@pytest.mark.parametrize("seed, compile, split", [(0, False, False), (1, False, True), (2, True, True), (3, True, False)])
+def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed, compile, split):
     torch.manual_seed(seed)
     target_model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB)).eval()
     target = VideoLlavaStages(target_model.cuda())
@@ -36,12 +38,17 @@ def test_graph_steps_equal_eager_steps_and_speculation_is_lossless_on_cuda(seed,
     embeds = torch.randn(1, 40, 32, device="cuda")
     eager = VideoLlavaStages(copy.deepcopy(target_model).cpu())
     cpu_engine, cpu_prefill = _engine(eager, embeds.cpu())
-    engine, prefill = _engine(target, embeds, compile=compile)
+    engine, prefill = _engine(target, embeds, compile=compile, split_attention=split)
     torch.testing.assert_close(prefill.logits.cpu(), cpu_prefill.logits, atol=1e-4, rtol=1e-4)
-    for token in (5, 9, 3):  # graph replays (captured on first use) against CPU eager steps
-        ids = torch.tensor([[token]])
+    for ids in ([[5]], [[9, 4, 7]], [[3]]):  # graph replays (captured on first use) against CPU eager steps
+        ids = torch.tensor(ids)
         torch.testing.assert_close(engine.step(ids.cuda()).logits.cpu(), cpu_engine.step(ids).logits,
                                    atol=1e-4, rtol=1e-4)  # fmt: skip
+    for _ in range(230):  # into the next length bucket: a new graph, the same numbers
+        ids = torch.tensor([[int(cpu_engine.length) % 50 + 3]])
+        gpu, cpu = engine.step(ids.cuda()).logits.cpu(), cpu_engine.step(ids).logits
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+    assert len(engine.graphs.graphs) == 3  # (1, 256), (3, 256), (1, 512)
     engine.rewind(40)
     reference = decode_target(engine, prefill.logits, 20, 2, Sampler()).output_ids
     for k in (1, 4):
@@ -125,8 +132,8 @@ def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path,
     from evspec.adapter.modules import DraftHead, HeadConfig
     from evspec.models.checkpoint import DTYPES
     from evspec.models.toy import load_pair
-    from evspec.spec.run import SpecSettings, speculate
-    from evspec.spec.summary import summarize
+    from evspec.speculative.run import SpecSettings, speculate
+    from evspec.speculative.summary import summarize
 
     pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
                      tiny_pair_dir / "target_tokenizer", DTYPES[dtype], "cuda", draft_device)  # fmt: skip
@@ -155,4 +162,97 @@ def test_stage_timing_runs_on_cuda(tiny_pair_dir, tmp_path):
     parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
     frame = bench_stages(BenchSettings(device="cuda", repeats=2, warmup=1, verify_lengths=[2]),
                          {part: tiny_pair_dir / part for part in parts}, tmp_path / "stages.parquet")  # fmt: skip
-    assert {"vision", "prefill", "decode_step_fast_engine", "verify", "draft_head_step"} <= set(frame["stage"])
+    assert {"vision", "prefill", "decode_step", "verify", "draft_head_token"} <= set(frame["stage"])
+
+
+# ---- the head engine and the prefill overlap on CUDA ------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@torch.no_grad()
+def test_head_engine_graphs_equal_the_cpu_engine(compile):
+    from test_engine import HIDDEN, VOCAB as HEAD_VOCAB, _head
+
+    from evspec.engine.head import HeadEngine
+    from evspec.speculative.sampling import SamplingSpec
+
+    for spec in (SamplingSpec(), SamplingSpec(temperature=0.8, top_p=0.9)):
+        head, embed, lm_head = _head()
+        cpu = HeadEngine(head, embed, lm_head, 7, 300, 4, Sampler(spec, torch.Generator().manual_seed(0)))
+        gpu_head, gpu_embed, gpu_lm_head = (copy.deepcopy(m).cuda() for m in (head, embed, lm_head))
+        gpu = HeadEngine(gpu_head, gpu_embed, gpu_lm_head, 7, 300, 4,
+                         Sampler(spec, torch.Generator("cuda").manual_seed(0)), compile=compile)  # fmt: skip
+        events, hidden = torch.randn(7, 24), torch.randn(1, HIDDEN)
+        cpu.load_events(events)
+        gpu.load_events(events.cuda())
+        cpu.start(5, hidden[0])
+        gpu.start(5, hidden[0].cuda())
+        generator = torch.Generator().manual_seed(1)
+        for cycle in range(120):  # several graphs (k = 2, 4) and a second length bucket
+            k = 2 if cycle % 3 else 4
+            (cpu_ids, cpu_q), (gpu_ids, gpu_q) = cpu.propose(k), gpu.propose(k)
+            if spec.greedy:
+                assert gpu_ids.tolist() == cpu_ids.tolist()
+            else:
+                torch.testing.assert_close(gpu_q.cpu(), cpu_q, atol=1e-4, rtol=1e-4)
+            m = int(torch.randint(1, k + 2, (1,), generator=generator))
+            kept, kept_hidden = torch.randint(3, HEAD_VOCAB, (m,), generator=generator).tolist(), torch.randn(m, HIDDEN)
+            cpu.commit(kept, kept_hidden)
+            gpu.commit(kept, kept_hidden.cuda())
+        assert gpu.length > 256 and len(gpu.graphs.graphs) == 4
+
+
+def _engines_and_clip(tiny_pair_dir, tiny_data, draft_device=None):
+    import pandas as pd
+
+    from evspec.h5 import open_h5
+    from evspec.models.toy import load_pair
+    from evspec.speculative.methods import Engines
+    from evspec.speculative.run import SpecSettings, _load_clip
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer", device="cuda", draft_device=draft_device)  # fmt: skip
+    settings = SpecSettings(methods=("target", "prefill"), draft_lengths={"prefill": [2]}, device="cuda",
+                            draft_device=draft_device, max_new_tokens=8)  # fmt: skip
+    row = next(pd.read_parquet(tiny_data / "manifest.parquet").itertuples())
+    with open_h5(tiny_data / "tensors.h5") as handle:
+        clip = _load_clip(row, handle["frames"], handle["event_images"], pair, settings, tiny_data)
+    vocabulary = SharedVocabulary.from_tokenizers(pair.draft_tokenizer, pair.target_tokenizer,
+                                                  pair.draft.lm_head.out_features, pair.target.lm_head.out_features)  # fmt: skip
+    engines = Engines(pair, None, vocabulary, pair.target_tokenizer.eos_token_id, settings,
+                      (clip.target_ids.shape[1], clip.draft_ids.shape[1]))  # fmt: skip
+    return engines, clip
+
+
+@pytest.mark.parametrize("draft_device", [None, pytest.param("cuda:1", marks=SECOND_GPU)])
+def test_prefill_drafting_overlaps_the_targets_vision_without_host_syncs(tiny_pair_dir, tiny_data, draft_device,
+                                                                          monkeypatch):  # fmt: skip
+    """The target's vision is made slow (a 0.2 s spin kernel first on its stream): the host must queue the
+    whole overlapped prefill without waiting for it, and the draft's prefill and drafts must finish
+    during it, on a side stream (one GPU) or the draft's GPU (two)."""
+    import time
+
+    engines, clip = _engines_and_clip(tiny_pair_dir, tiny_data, draft_device)
+    engines.run("prefill", clip, 2)  # warm-up: graph capture and allocation synchronise; the hot path must not
+    encode = engines.target.encode_vision
+    cycles = int(0.2 * torch.cuda.get_device_properties(0).clock_rate * 1000)  # ~0.2 s at the SM clock
+
+    def slow_vision(pixels):
+        torch.cuda._sleep(cycles)
+        return encode(pixels)
+
+    monkeypatch.setattr(engines.target, "encode_vision", slow_vision)
+    draft_queue = engines.side_stream or torch.cuda.current_stream(engines.draft_device)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    prefill, drafter = engines.overlapped_prefill(clip, 2)
+    host_ms = (time.perf_counter() - started) * 1000
+    draft_queue.synchronize()
+    draft_ms = (time.perf_counter() - started) * 1000
+    torch.cuda.synchronize(engines.device)
+    total_ms = (time.perf_counter() - started) * 1000
+    assert total_ms > 150, "the spin kernel did not slow the target's vision"
+    assert host_ms < total_ms / 3, f"the host waited: queued in {host_ms:.0f} of {total_ms:.0f} ms"
+    assert draft_ms < total_ms / 3, f"the draft waited for the target's vision: done at {draft_ms:.0f} of {total_ms:.0f} ms"
+    answer = engines.speculative(prefill, drafter, 2, 8).output_ids
+    assert answer == engines.run("target", clip, 0).decoded.output_ids

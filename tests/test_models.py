@@ -1,4 +1,4 @@
-"""Both models behind the stage API: decoupled stages equal the monolithic model, token for token."""
+"""Both models behind the stage API and the engine: decoupled stages equal the monolithic model, token for token."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_eventgpt_stages_equal_monolithic_forward_and_generate(eventgpt, seed):
     ids = _event_prompt(eventgpt, prefix=tuple(torch.randint(0, VOCAB, (3,)).tolist()))
     with torch.no_grad():
         reference = eventgpt(input_ids=ids, event_pixel_values=pixels).logits
-    step = stages.prefill(ids, stages.project(stages.encode_vision(pixels)), stages.new_cache())
+    step = stages.engine(ids.shape[1]).prefill(stages.embed(ids, stages.project(stages.encode_vision(pixels))))
     torch.testing.assert_close(step.logits, reference, rtol=0, atol=1e-5)
     generated = eventgpt.generate(input_ids=ids, event_pixel_values=pixels, max_new_tokens=12, do_sample=False,
                                   pad_token_id=0)  # fmt: skip
@@ -85,7 +85,7 @@ def test_video_llava_stages_equal_monolithic_forward_and_generate(video_llava, s
     ids = _video_prompt(video_llava, prefix=tuple(torch.randint(0, VOCAB, (2,)).tolist()))
     with torch.no_grad():
         reference = video_llava(input_ids=ids, pixel_values_videos=frames).logits
-    step = stages.prefill(ids, stages.project(stages.encode_vision(frames[0])), stages.new_cache())
+    step = stages.engine(ids.shape[1]).prefill(stages.embed(ids, stages.project(stages.encode_vision(frames[0]))))
     torch.testing.assert_close(step.logits, reference, rtol=0, atol=1e-5)
     generated = video_llava.generate(input_ids=ids, pixel_values_videos=frames, max_new_tokens=12, do_sample=False,
                                      pad_token_id=0)  # fmt: skip
@@ -93,34 +93,11 @@ def test_video_llava_stages_equal_monolithic_forward_and_generate(video_llava, s
     assert stages.generate(ids, frames[0], max_new_tokens=12, eos_token_id=eos) == generated[0, ids.shape[1]:].tolist()
 
 
-def test_verify_equals_sequential_decode_and_rollback_restores_state(video_llava):
-    stages = VideoLlavaStages(video_llava)
-    frames = torch.randn(8, 3, 28, 28)
-    ids = _video_prompt(video_llava)
-    visual = stages.project(stages.encode_vision(frames))
-    cache = stages.new_cache()
-    stages.prefill(ids, visual, cache)
-    draft = torch.tensor([[3, 17, 42, 8]])
-    verified = stages.verify(draft, cache)
-    sequential_cache = stages.new_cache()
-    stages.prefill(ids, visual, sequential_cache)
-    for i in range(draft.shape[1]):
-        step = stages.decode_step(draft[:, i : i + 1], sequential_cache)
-        torch.testing.assert_close(verified.logits[:, i], step.logits[:, 0], rtol=0, atol=1e-5)
-    stages.rollback(cache, ids.shape[1] + 2)  # keep two draft tokens, drop two
-    after_rollback = stages.decode_step(torch.tensor([[5]]), cache)
-    fresh = stages.new_cache()
-    stages.prefill(ids, visual, fresh)
-    stages.verify(draft[:, :2], fresh)
-    torch.testing.assert_close(after_rollback.logits, stages.decode_step(torch.tensor([[5]]), fresh).logits,
-                               rtol=0, atol=1e-5)  # fmt: skip
-
-
 def test_placeholder_count_must_match_visual_tokens(eventgpt):
     stages = EventGPTStages(eventgpt)
     visual = stages.project(stages.encode_vision(torch.randn(5, 3, 28, 28)))
     with pytest.raises(ValueError, match="placeholders but 9 visual tokens"):
-        stages.prefill(_event_prompt(eventgpt), visual[:9], stages.new_cache())
+        stages.embed(_event_prompt(eventgpt), visual[:9])
 
 
 def test_checkpoint_roundtrip_and_mismatches_named(eventgpt, tmp_path):

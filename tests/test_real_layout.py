@@ -14,7 +14,7 @@ from evspec.models.checkpoint import load_eventgpt, load_tokenizer
 from evspec.models.prompts import VICUNA_V1_SYSTEM
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import load_pair
-from evspec.spec.sampling import Sampler, SamplingSpec
+from evspec.speculative.sampling import Sampler, SamplingSpec
 from evspec.world.scene import QUESTIONS
 
 

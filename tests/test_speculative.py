@@ -11,13 +11,12 @@ from transformers import VideoLlavaForConditionalGeneration
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
-from evspec.models.splice import embed_with_visual_tokens
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
-from evspec.spec.decode import decode_speculative, decode_target
-from evspec.spec.drafters import HeadDrafter, TokenDrafter
-from evspec.spec.fast_llama import FastLlama
-from evspec.spec.sampling import Sampler, SamplingSpec
+from evspec.speculative.decode import decode_speculative, decode_target
+from evspec.engine.head import HeadEngine
+from evspec.speculative.drafters import TokenDrafter
+from evspec.speculative.sampling import Sampler, SamplingSpec
 
 EOS = 2
 
@@ -39,9 +38,14 @@ def _prefilled(stages, n_images: int, prompt: list[int], max_length: int, seed: 
     torch.manual_seed(seed)
     visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, 28, 28)))
     ids = torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *prompt]])
-    engine = FastLlama(stages.language_model, stages.lm_head, max_length)
-    embeds = embed_with_visual_tokens(stages.language_model.embed_tokens, ids, stages.placeholder_id, visual)
-    return engine, engine.forward_embeds(embeds), ids, visual
+    engine = stages.engine(max_length)
+    return engine, engine.prefill(stages.embed(ids, visual)), ids, visual
+
+
+def _head_engine(head: DraftHead, target: VideoLlavaStages, k: int) -> HeadEngine:
+    engine = HeadEngine(head, target.language_model.embed_tokens, target.lm_head, 7, 32, k, Sampler())
+    engine.load_events(torch.randn(7, 32))
+    return engine
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -50,7 +54,7 @@ def test_greedy_speculative_equals_target(seed):
     target, draft = _models(vocab, seed)
     prompt = torch.randint(3, vocab, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
     engine, prefill, ids, visual = _prefilled(target, 8, prompt, 400, seed)
-    reference = target.greedy(ids, visual, max_new_tokens=24, eos_token_id=EOS)
+    reference = target.greedy_with_hidden(ids, visual, max_new_tokens=24, eos_token_id=EOS)[0]
     baseline = decode_target(engine, prefill.logits, 24, EOS, Sampler())
     assert baseline.output_ids == reference
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
@@ -61,8 +65,7 @@ def test_greedy_speculative_equals_target(seed):
                                              Sampler()),
             "self": lambda: TokenDrafter(_prefilled(perfect, 8, prompt, 400, seed)[0], shared(vocab + 2), vocab + 2,
                                          Sampler()),
-            "head": lambda: HeadDrafter(head, torch.randn(7, 32), target.language_model.embed_tokens, target.lm_head,
-                                        Sampler()),
+            "head": lambda: _head_engine(head, target, k),
         }
         for name, make in drafters.items():
             engine.rewind(ids.shape[1])
@@ -76,8 +79,8 @@ def test_greedy_speculative_equals_target(seed):
 def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, tiny_data, tmp_path):
     from evspec.adapter.modules import DraftHead, HeadConfig
     from evspec.models.toy import load_pair
-    from evspec.spec.run import SpecSettings, speculate
-    from evspec.spec.summary import summarize
+    from evspec.speculative.run import SpecSettings, speculate
+    from evspec.speculative.summary import summarize
 
     pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
                      tiny_pair_dir / "target_tokenizer")  # fmt: skip
@@ -85,7 +88,9 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train",
                             draft_lengths={"hf-assisted": [2], "token": [1, 3], "feature": [2], "prefill": [2]})  # fmt: skip
+    embeddings = pair.draft.get_input_embeddings()
     frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
+    assert pair.draft.get_input_embeddings() is embeddings  # transformers' assisted decoding left EventGPT whole
     target = frames["target"].set_index("sample_id")
     assert len(target) == 3 and (target["status"] == "ok").all()
     for method in ("hf-generate", "token", "feature", "prefill"):

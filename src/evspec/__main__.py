@@ -72,7 +72,7 @@ def _speculate(args: argparse.Namespace) -> None:
     from evspec.adapter.modules import load_head
     from evspec.models.checkpoint import DTYPES
     from evspec.models.toy import load_pair
-    from evspec.spec.run import SpecSettings, speculate
+    from evspec.speculative.run import SpecSettings, speculate
 
     settings = from_mapping(SpecSettings, args.settings, "--settings")
     pair = load_pair(args.draft, args.target, args.draft_tokenizer, args.target_tokenizer, DTYPES[settings.dtype],
@@ -85,7 +85,7 @@ def _speculate(args: argparse.Namespace) -> None:
 
 
 def _spec_summary(args: argparse.Namespace) -> None:
-    from evspec.spec.summary import summarize
+    from evspec.speculative.summary import summarize
 
     summarize(args.spec_dir, args.out)
 

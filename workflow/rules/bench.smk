@@ -10,11 +10,11 @@ rule bench_stages:
     output:
         f"{RESULTS}/bench/stages.parquet",
     params:
-        settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"]}),
+        settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"], "compile": MODELS["compile"]}),
         pair=(" ".join(f"--{part.replace('_', '-')} {path}" for part, path in model_paths().items())
               if BENCH["scale"] == "pair" else ""),
-        code=code_version(*CORE_MODULES, "bench", "models", "adapter/modules.py", "spec/fast_llama.py", "spec/sampling.py",
-                            "spec/drafters.py"),
+        code=code_version(*CORE_MODULES, "bench", "models", "adapter/modules.py", "engine", "speculative/sampling.py",
+                            "timing.py"),
     threads: BENCH["threads"]
     resources:
         gpu=1 if MODELS["device"] == "cuda" else 0,

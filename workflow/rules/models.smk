@@ -3,7 +3,7 @@ MODELS = config["models"]
 TOY = MODELS["source"] == "toy"
 TOY_DIR = f"{RESULTS}/models/toy"
 # How every model-running stage loads and runs the pair (passed inside each stage's settings).
-MODEL_RUNTIME = {key: MODELS[key] for key in ("device", "dtype", "draft_pixel_dtype", "draft_vision_tower")}
+MODEL_RUNTIME = {key: MODELS[key] for key in ("device", "dtype", "compile", "draft_pixel_dtype", "draft_vision_tower")}
 
 
 def model_paths():

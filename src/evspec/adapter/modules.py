@@ -112,16 +112,13 @@ class DraftHead(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """hidden, token_embeds: [B, L, H]; prefix: [B, N, H] or None; mask: [B, L] valid positions.
 
-        Returns the predicted next hidden states [B, L, H].
+        Returns the predicted next hidden states [B, L, H]. (Training runs this over whole answers;
+        the head engine runs the same `inputs` and `block` one position at a time over a KV cache.)
         """
-        batch, length, size = hidden.shape
-        x = self.fuse(torch.cat([hidden, token_embeds], dim=-1))
-        normed = self.attention_norm(x)
-        keys_from = normed if prefix is None else torch.cat([prefix, normed], dim=1)
-        n_prefix = keys_from.shape[1] - length
-        heads = self.config.n_heads
-        q = self.query(normed).view(batch, length, heads, -1).transpose(1, 2)
-        k, v = self.key_value(keys_from).view(batch, -1, 2, heads, size // heads).permute(2, 0, 3, 1, 4)
+        batch, length, _ = hidden.shape
+        x, normed = self.inputs(hidden, token_embeds)
+        keys, values = self.key_values(normed if prefix is None else torch.cat([prefix, normed], dim=1))
+        n_prefix = keys.shape[2] - length
         # position i sees the whole prefix and answer positions <= i (and only valid ones)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         allowed = torch.cat([torch.ones(length, n_prefix, dtype=torch.bool, device=x.device), causal], dim=1)
@@ -129,7 +126,26 @@ class DraftHead(nn.Module):
         if mask is not None:
             valid_keys = torch.cat([torch.ones(batch, n_prefix, dtype=torch.bool, device=x.device), mask.bool()], dim=1)
             allowed = allowed & valid_keys[:, None, None, :]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.block(x, normed, keys, values, allowed)
+
+    def inputs(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream x = fuse(hidden, embedding) [B, L, H] and its attention-normed form."""
+        x = self.fuse(torch.cat([hidden, token_embeds], dim=-1))
+        return x, self.attention_norm(x)
+
+    def key_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, L, H / heads] of normed positions (event tokens or answer positions)."""
+        batch, length, size = normed.shape
+        heads = self.config.n_heads
+        keys, values = self.key_value(normed).view(batch, length, 2, heads, size // heads).permute(2, 0, 3, 1, 4)
+        return keys, values
+
+    def block(self, x: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              allowed: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Attention of the positions x [B, L, H] over keys/values where `allowed`, then the MLP and final norm."""
+        batch, length, size = x.shape
+        q = self.query(normed).view(batch, length, self.config.n_heads, -1).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
         x = x + self.output(attended.transpose(1, 2).reshape(batch, length, size))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)

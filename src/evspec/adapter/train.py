@@ -34,8 +34,10 @@ from evspec.adapter.data import ClipFeatures, load_clips  # noqa: E402
 from evspec.adapter.metrics import alignment_metrics  # noqa: E402
 from evspec.adapter.modules import AdapterConfig, AlignmentAdapter, DraftHead, HeadConfig  # noqa: E402
 from evspec.atomic import atomic_output  # noqa: E402
+from evspec.engine.head import HeadEngine  # noqa: E402
 from evspec.features.extract import FeatureSettings  # noqa: E402
 from evspec.models.checkpoint import load_video_llava  # noqa: E402
+from evspec.speculative.sampling import Sampler  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -235,25 +237,28 @@ def _head_metrics(head: DraftHead, test: list[ClipFeatures], target: FrozenTarge
     correct = [[] for _ in range(positions)]
     accepted = [[] for _ in range(positions)]
     started = time.perf_counter()
+    engine = HeadEngine(head, embed, lm_head, max((len(c.event_tokens) for c in usable), default=0),
+                        max((len(c.answer_ids) for c in usable), default=0), positions, Sampler(), compile=False)  # fmt: skip
     for clip in usable:
         prefix = head.event_prefix(clip.event_tokens[None])
         step1 = head(clip.target_hidden[None, :-1], embed(clip.answer_ids[None, :-1]), prefix)[0]
         predicted.append(step1)
         actual.append(clip.target_hidden[1:])
         tokens.append(clip.answer_ids[1:])
-        length = len(clip.answer_ids)
+        engine.load_events(clip.event_tokens)  # the same drafting the feature method serves with
+        answer, length = clip.answer_ids.tolist(), len(clip.answer_ids)
         for start in range(length - 1):
-            hidden, ids = clip.target_hidden[: start + 1], clip.answer_ids[: start + 1]
+            engine.start(answer[0], clip.target_hidden[0])
+            if start:
+                engine.commit(answer[1 : start + 1], clip.target_hidden[1 : start + 1])
+            guesses = engine.propose(positions)[0].tolist()
             all_right = True
             for d in range(min(positions, length - 1 - start)):
-                state = head(hidden[None], embed(ids[None]), prefix)[0, -1]
-                guess = lm_head(state).argmax()
-                right = bool(guess == clip.answer_ids[start + 1 + d])
+                right = guesses[d] == answer[start + 1 + d]
                 correct[d].append(right)
                 if all_right:
                     accepted[d].append(right)
                 all_right &= right
-                hidden, ids = torch.cat([hidden, state[None]]), torch.cat([ids, guess[None]])
     metrics = alignment_metrics(predicted, actual, tokens, lm_head)
     metrics["accuracy_at_position"] = [float(np.mean(c)) if c else None for c in correct]
     metrics["acceptance_at_position"] = [float(np.mean(a)) if a else None for a in accepted]

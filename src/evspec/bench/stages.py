@@ -2,11 +2,14 @@
 
 Per model and image count (EventGPT: 1 and 5 event images; Video-LLaVA: 1 and 8 frames):
 vision encoding, projection (EventGPT: projector + feature adaptor + pooling), LLM prefill of
-the whole prompt, one decode step (the stage API's, and the fast engine's) and its physical
-floor (language-model weights + the context's K/V over the copy bandwidth measured here). Timed after
-warm-up, medians of repeats, CUDA events on GPU; the host-to-device copy of the pixels is
-timed separately and disk reads are not timed at all. Because these are the stage API's
-calls, the test that proves decoupled == monolithic also proves this times the real work.
+the whole prompt and one decode step on the language engine that serving runs
+(`evspec.engine.llama`), and the step's physical floor (language-model weights + the context's
+K/V over the copy bandwidth measured here); for the target, the verify of k + 1 tokens and
+one draft-head token (a proposal of k by the head engine, / k). Timed by `evspec.timing`
+after warm-up, medians of repeats; the host-to-device copy of the pixels is timed separately
+and disk reads are not timed at all. Because these are the stage API's and the engine's
+calls, the tests that prove them equal to the monolithic models also prove this times the
+real work.
 
 Scales: `pair` loads the run's own pair (the demo's toy pair, or the configured checkpoints); `7b` builds both models at 7B shape with random
 weights (bf16 on GPU). Prompt text lengths at 7B are the real prompts' (REFERENCE.md:
@@ -15,10 +18,9 @@ about 640 and 2075 tokens in all), configurable because LLaMA's tokenizer is not
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +34,11 @@ from evspec.errors import InputError
 from evspec.models.configs import eventgpt_7b_config, random_model, video_llava_7b_config
 from evspec.models.checkpoint import DTYPES
 from evspec.models.eventgpt import EventGPTForCausalLM
-from evspec.models.splice import embed_with_visual_tokens
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.toy import load_pair
-from evspec.spec.drafters import HeadDrafter
-from evspec.spec.fast_llama import FastLlama
-from evspec.spec.sampling import Sampler
+from evspec.engine.head import HeadEngine
+from evspec.speculative.sampling import Sampler
+from evspec.timing import measure_ms
 from evspec.world.scene import QUESTIONS
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class BenchSettings:
     scale: str = "pair"  # "pair": the run's pair (toy or checkpoints); "7b": random weights at 7B shape
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool | None = None  # the engines' torch.compile (None: on CUDA)
     repeats: int = 20
     warmup: int = 3
     eventgpt_images: list[int] = field(default_factory=lambda: [1, 5])
@@ -57,37 +59,13 @@ class BenchSettings:
     threads: int = 2
 
 
-class Timer:
-    def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
-        self.device, self.repeats, self.warmup = device, repeats, warmup
-
-    def __call__(self, function: Callable[[], object]) -> list[float]:
-        """Milliseconds of each repeat after warm-up (synchronised, CUDA events on GPU)."""
-        for _ in range(self.warmup):
-            function()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                function()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                started = time.perf_counter()
-                function()
-                times.append((time.perf_counter() - started) * 1000)
-        return times
-
-
 def bench_stages(settings: BenchSettings, pair_paths: dict[str, Path] | None, out_path: Path,
                  head: DraftHead | None = None) -> pd.DataFrame:  # fmt: skip
     """Time every stage; `pair_paths` (draft, target, draft_tokenizer, target_tokenizer) for the `pair`
     scale; `head` is a trained draft head, else one of EAGLE's size is built."""
     torch.set_num_threads(settings.threads)
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
-    timer = Timer(device, settings.repeats, settings.warmup)
+    timer = functools.partial(measure_ms, devices=[device], repeats=settings.repeats, warmup=settings.warmup)
     if settings.scale == "pair":
         if pair_paths is None:
             raise InputError("--draft", "the pair scale times the run's own checkpoints: give their directories")
@@ -122,14 +100,14 @@ def bench_stages(settings: BenchSettings, pair_paths: dict[str, Path] | None, ou
 
 @torch.no_grad()
 def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size: int, head: DraftHead | None,
-                    settings: BenchSettings, timer: Timer, device: torch.device, dtype: torch.dtype) -> list[dict]:  # fmt: skip
-    """The target's (k+1)-token verify on the fast engine, and one draft-head token, after a real-length prefill."""
+                    settings: BenchSettings, timer, device: torch.device, dtype: torch.dtype) -> list[dict]:  # fmt: skip
+    """The target's (k+1)-token verify, and one draft-head token per k, after a real-length prefill."""
     size = stages.image_size
     visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, size, size, dtype=dtype, device=device)))
     ids = _prompt_ids("video_llava", stages, tokenizer, visual.shape[0], settings)
-    engine = FastLlama(stages.language_model, stages.lm_head, ids.shape[1] + max(settings.verify_lengths) + 8)
-    embeds = embed_with_visual_tokens(stages.language_model.embed_tokens, ids, stages.placeholder_id, visual)
-    prefill = engine.forward_embeds(embeds)
+    longest = max(settings.verify_lengths)
+    engine = stages.engine(ids.shape[1] + longest + 8, compile=settings.compile)
+    prefill = engine.prefill(stages.embed(ids, visual))
     token = prefill.logits[:, -1].argmax(-1).view(1, 1)
     length = ids.shape[1]
 
@@ -145,11 +123,20 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
         head = DraftHead(config)
     head = head.to(device, dtype).eval()
     n_events = 582 if settings.scale == "7b" else 70
-    drafter = HeadDrafter(head, torch.randn(n_events, draft_size, device=device, dtype=dtype),
-                          stages.language_model.embed_tokens, stages.lm_head, Sampler())  # fmt: skip
-    drafter.start(int(token), prefill.hidden[0, -1])
-    drafter.commit(list(range(4, 23)), torch.randn(19, hidden, device=device, dtype=dtype))  # 20 answer tokens so far
-    measured[("draft_head_step", 0)] = timer(lambda: drafter.propose(1))
+    answered = 20  # the head drafts 20 tokens into the answer (its cost is flat in the answer's length)
+    head_engine = HeadEngine(head, stages.language_model.embed_tokens, stages.lm_head, n_events,
+                             answered + (settings.repeats + settings.warmup) * len(settings.verify_lengths) + 8,
+                             longest, Sampler(), compile=settings.compile)  # fmt: skip
+    head_engine.load_events(torch.randn(n_events, draft_size, device=device, dtype=dtype))
+    head_engine.start(int(token), prefill.hidden[0, -1])
+    head_engine.commit(list(range(4, 4 + answered)), torch.randn(answered, hidden, device=device, dtype=dtype))
+    state = prefill.hidden[0, -1:].clone()
+    for k in settings.verify_lengths:
+        def cycle(k=k):  # a proposal and the commit of one token (every draft rejected)
+            head_engine.propose(k)
+            head_engine.commit([int(token)], state)
+
+        measured[("draft_head_token", k)] = [ms / k for ms in timer(cycle)]
     return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k)
             for (stage, k), times in measured.items()]  # fmt: skip
 
@@ -168,14 +155,14 @@ def _prompt_ids(name: str, stages: LanguageStages, tokenizer, n_visual: int, set
     if tokenizer is not None:
         ids = stages.prompt_ids(tokenizer, QUESTIONS["describe"])[0].tolist()
         text = [i for i in ids if i != stages.placeholder_id]
-        return torch.tensor([[text[0], *[stages.placeholder_id] * n_visual, *text[1:]]], device=stages.device)
+        return torch.tensor([[text[0], *[stages.placeholder_id] * n_visual, *text[1:]]])
     n_text = settings.text_tokens_7b[name]
     text = torch.randint(3, 32000, (n_text,)).tolist()
-    return torch.tensor([[1, *[stages.placeholder_id] * n_visual, *text[1:]]], device=stages.device)
+    return torch.tensor([[1, *[stages.placeholder_id] * n_visual, *text[1:]]])
 
 
 @torch.no_grad()
-def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+def copy_bandwidth(device: torch.device, timer) -> float:
     """Bytes per second of a 256 MiB copy on `device` (read + write counted): the floor's denominator."""
     source = torch.empty(2**27, dtype=torch.float16, device=device)
     target = torch.empty_like(source)
@@ -192,7 +179,7 @@ def decode_floor_ms(stages: LanguageStages, context_tokens: int, bandwidth: floa
     return (weights + kv) / bandwidth * 1000
 
 
-def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, settings: BenchSettings, timer: Timer,
+def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, settings: BenchSettings, timer,
                  device: torch.device, dtype: torch.dtype, bandwidth: float) -> list[dict]:  # fmt: skip
     size = stages.image_size
     pixels_host = torch.randn(n_images, 3, size, size, dtype=dtype)
@@ -200,24 +187,12 @@ def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, se
     vision = stages.encode_vision(pixels)
     visual = stages.project(vision)  # EventGPT pools the n_images of one window: T = n_images
     ids = _prompt_ids(name, stages, tokenizer, visual.shape[0], settings)
-    cache_holder = {}
-
-    def prefill():
-        cache_holder["cache"] = stages.new_cache()
-        return stages.prefill(ids, visual, cache_holder["cache"])
-
-    first = prefill()
-    token = first.logits[:, -1].argmax(-1).view(1, 1)
     length = ids.shape[1]
+    engine = stages.engine(length + 8, compile=settings.compile)
+    embeds = stages.embed(ids, visual)
+    token = engine.prefill(embeds).logits[:, -1].argmax(-1).view(1, 1)
 
     def decode():
-        stages.decode_step(token, cache_holder["cache"])
-        stages.rollback(cache_holder["cache"], length)
-
-    engine = FastLlama(stages.language_model, stages.lm_head, length + 8)
-    engine.forward_embeds(embed_with_visual_tokens(stages.language_model.embed_tokens, ids, stages.placeholder_id, visual))
-
-    def fast_decode():
         engine.step(token)
         engine.rewind(length)
 
@@ -225,9 +200,8 @@ def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, se
         "host_to_device": timer(lambda: pixels_host.to(device, non_blocking=False)),
         "vision": timer(lambda: stages.encode_vision(pixels)),
         "projector": timer(lambda: stages.project(vision)),
-        "prefill": timer(prefill),
+        "prefill": timer(lambda: engine.prefill(embeds)),
         "decode_step": timer(decode),
-        "decode_step_fast_engine": timer(fast_decode),
     }
     measured["decode_floor"] = [decode_floor_ms(stages, length, bandwidth)]  # computed, not timed
     return [_row(name, n_images, stage, times, length, visual.shape[0], settings, device)

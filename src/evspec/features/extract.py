@@ -1,6 +1,7 @@
 """`python -m evspec extract-features`: the cached training data of the adapter stage.
 
-Per clip of the manifest, through the stage API only:
+Per clip of the manifest, through the stage API and the language engine serving uses
+(`evspec.engine.llama`), so the adapter stage learns from the states it will draft from:
 - target (Video-LLaVA): 8 frames -> vision tokens -> projected tokens -> prefill with the
   clip's question -> greedy answer ids and the final hidden state behind each answer token;
 - draft (EventGPT): event images -> vision tokens -> projected tokens -> its own prompt,
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from evspec.engine.llama import LlamaEngine
 from evspec.errors import InputError
 from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample, sample_key
 from evspec.fingerprint import code_version, model_fingerprint, settings_digest
@@ -46,6 +48,7 @@ class FeatureSettings:
     max_new_tokens: int = 32  # longest target answer
     device: str = "cpu"
     dtype: str = "float32"  # model compute dtype
+    compile: bool | None = None  # the engine's torch.compile (None: on CUDA)
     batch_clips: int = 8  # clips whose vision towers run in one batch
     draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
     draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
@@ -65,9 +68,9 @@ def expected_fingerprint(model_name: str, model_dir: Path, tensors_path: Path, s
     with open_h5(tensors_path) as handle:
         preprocessing = {key: handle.attrs.get(key, "") for key in ("windows", "dataset")}
     options = {k: v for k, v in asdict(settings).items()
-               if k in ("fields", "precision", "max_new_tokens", "dtype", "draft_pixel_dtype")}  # fmt: skip
+               if k in ("fields", "precision", "max_new_tokens", "dtype", "compile", "draft_pixel_dtype")}  # fmt: skip
     fingerprint = {"model": f"{model_name}:{model_fingerprint(model_dir)}", "preprocessing": settings_digest(preprocessing),
-                   "code": code_version("features", "models"), "options": settings_digest(options)}  # fmt: skip
+                   "code": code_version("features", "engine", "models"), "options": settings_digest(options)}  # fmt: skip
     if answers_digest is not None:
         fingerprint["answers"] = answers_digest
     return fingerprint
@@ -110,6 +113,8 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
                                                       len(target_tokenizer))  # fmt: skip
     require_tokens(tokenizer, [tokenizer.eos_token or "</s>"], tokenizer_dir)
     stages = stages_class(model.to(settings.device))
+    longest_prompt = max(stages.prompt_ids(tokenizer, question).shape[1] for question in manifest["question"].unique())
+    engine = stages.engine(longest_prompt + settings.max_new_tokens, compile=settings.compile)
     writer = FeatureWriter(out_path, fingerprint, settings.precision)
     try:
         todo = manifest[~manifest["sample_id"].map(sample_key).isin(writer.done)]
@@ -122,7 +127,7 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
                 chunk = todo.iloc[start : start + settings.batch_clips]
                 visual = _visual_tokens(stages, images, chunk, tensors_path, dataset_name)
                 for row, (vision, projected) in zip(chunk.itertuples(), visual):
-                    record = _record(stages, tokenizer, row, vision, projected, settings, answers, vocabulary)
+                    record = _record(stages, engine, tokenizer, row, vision, projected, settings, answers, vocabulary)
                     writer.write(row.sample_id, record)
                     progress.update()
             progress.close()
@@ -146,17 +151,18 @@ def _visual_tokens(stages: LanguageStages, images, chunk: pd.DataFrame, source: 
     return [(clip_vision, stages.project(clip_vision)) for clip_vision in vision]
 
 
-def _record(stages: LanguageStages, tokenizer, row, vision: torch.Tensor, projected: torch.Tensor,
+def _record(stages: LanguageStages, engine: LlamaEngine, tokenizer, row, vision: torch.Tensor, projected: torch.Tensor,
             settings: FeatureSettings, answers: dict[str, list[int]],
             vocabulary: SharedVocabulary | None) -> dict[str, np.ndarray]:  # fmt: skip
     """The target's greedy answer with its states, or (vocabulary given) the draft's states along it."""
     prompt = stages.prompt_ids(tokenizer, row.question)
     role = "target" if vocabulary is None else "draft"
     if role == "target":
-        answer_ids, hidden = stages.greedy_with_hidden(prompt, projected, settings.max_new_tokens, tokenizer.eos_token_id)
+        answer_ids, hidden = stages.greedy_with_hidden(prompt, projected, settings.max_new_tokens, tokenizer.eos_token_id,
+                                                       engine)  # fmt: skip
     else:
         answer_ids = answers[row.sample_id]
-        hidden = stages.teacher_forced_hidden(prompt, projected, vocabulary.readable(answer_ids))
+        hidden = stages.teacher_forced_hidden(prompt, projected, vocabulary.readable(answer_ids), engine)
     record = {"answer_ids": np.asarray(answer_ids), "hidden": _numpy(hidden)}
     if role == "draft" or settings.fields == "all":
         record["projected"] = _numpy(projected)

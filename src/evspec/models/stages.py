@@ -1,43 +1,34 @@
-"""One stage API for both models: encode_vision -> project -> prefill -> decode_step / verify.
+"""One stage API for both models: encode_vision -> project -> embed the prompt -> the language engine.
 
-The benchmark and the speculative engine call these and nothing else, so the test that
-proves the stages reproduce each model's monolithic forward and greedy `generate` also
-proves that what is timed is the real work.
+The model-specific halves (vision tower, projector, prompt) live here; the language half
+runs on the project's one engine (`evspec.engine.llama.LlamaEngine`) for feature extraction,
+stage timing and speculation alike, so what is trained on, timed and served is the same
+kernels. Tests hold the stages plus engine equal to each model's monolithic forward and
+greedy `generate` (the transformers oracle), which also proves that what is timed is the
+real work.
 
     vision = stages.encode_vision(pixel_values)        # vision tower tokens
     visual = stages.project(vision)                    # LLM-width tokens [N, H]
-    cache = stages.new_cache()
-    step = stages.prefill(prompt_ids, visual, cache)   # the prompt, placeholders spliced
-    step = stages.decode_step(next_id, cache)          # one token
-    step = stages.verify(draft_ids, cache)             # k tokens in one forward
-    stages.rollback(cache, accepted_length)            # drop rejected entries
-
-Positions continue from the cache's length; every step returns logits and final
-hidden states for all positions it ran.
+    ids = stages.prompt_ids(tokenizer, question)       # [1, S] on the host, one placeholder per visual token
+    engine = stages.engine(max_length)                 # static cache over the model's own weights
+    out = engine.prefill(stages.embed(ids, visual))    # then engine.step / engine.rewind
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
+from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
-from evspec.models.compat import CACHE_KWARG
+from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import n_video_tokens
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.prompts import eventgpt_prompt_ids, video_llava_prompt_ids
 from evspec.models.splice import embed_with_visual_tokens
 
 VIDEO_LLAVA_FRAMES = 8  # Video-LLaVA was trained on exactly 8 frames per video
-
-
-@dataclass
-class StepOutput:
-    logits: torch.Tensor  # [1, n, V]
-    hidden: torch.Tensor  # [1, n, H], after the final norm: what lm_head reads
 
 
 class LanguageStages(ABC):
@@ -52,75 +43,34 @@ class LanguageStages(ABC):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def embed(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Prompt embeddings [1, S, H] with the placeholders replaced by `visual_tokens` (ids on the host: no sync)."""
+        return embed_with_visual_tokens(self.language_model.embed_tokens, input_ids, self.placeholder_id, visual_tokens)
 
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, cache: DynamicCache) -> StepOutput:
-        """Run the whole prompt [1, S] (placeholders replaced by `visual_tokens`) into an empty cache."""
-        if cache.get_seq_length() != 0:
-            raise ValueError("prefill needs an empty cache")
-        embeds = embed_with_visual_tokens(self.language_model.embed_tokens, input_ids, self.placeholder_id, visual_tokens)
-        return self._forward(embeds, cache)
-
-    @torch.no_grad()
-    def decode_step(self, token_id: torch.Tensor, cache: DynamicCache) -> StepOutput:
-        """One token [1, 1] after what the cache holds."""
-        return self._forward(self.language_model.embed_tokens(token_id), cache)
-
-    @torch.no_grad()
-    def verify(self, token_ids: torch.Tensor, cache: DynamicCache) -> StepOutput:
-        """k tokens [1, k] in one forward: logits[:, i] is the prediction after token i."""
-        return self._forward(self.language_model.embed_tokens(token_ids), cache)
-
-    @staticmethod
-    def rollback(cache: DynamicCache, length: int) -> None:
-        """Forget cache entries from position `length` on (rejected draft tokens).
-
-        A negative `crop` (remove that many) means the same on every supported release.
-        """
-        excess = cache.get_seq_length() - length
-        if excess < 0:
-            raise ValueError(f"cannot roll back a cache of {cache.get_seq_length()} tokens to {length}")
-        if excess:
-            cache.crop(-excess)
-
-    def _forward(self, embeds: torch.Tensor, cache: DynamicCache) -> StepOutput:
-        start = cache.get_seq_length()
-        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
-        outputs = self.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{CACHE_KWARG: cache})
-        hidden = outputs.last_hidden_state
-        return StepOutput(logits=self.lm_head(hidden), hidden=hidden)
-
-    @torch.no_grad()
-    def greedy(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, max_new_tokens: int,
-               eos_token_id: int | None = None) -> list[int]:  # fmt: skip
-        """Greedy decoding through prefill + decode_step: the reference the engine must equal."""
-        return self.greedy_with_hidden(input_ids, visual_tokens, max_new_tokens, eos_token_id)[0]
+    def engine(self, max_length: int, **options) -> LlamaEngine:
+        """The fast engine over this model's language weights (options: `compile`, `split_attention`)."""
+        return LlamaEngine(self.language_model, self.lm_head, max_length, **options)
 
     @torch.no_grad()
     def greedy_with_hidden(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, max_new_tokens: int,
-                           eos_token_id: int | None = None) -> tuple[list[int], torch.Tensor]:  # fmt: skip
+                           eos_token_id: int | None = None, engine: LlamaEngine | None = None) -> tuple[list[int], torch.Tensor]:  # fmt: skip
         """Greedy tokens and, for each, the final hidden state [L, H] whose lm_head chose it."""
-        cache = self.new_cache()
-        step = self.prefill(input_ids, visual_tokens, cache)
-        tokens: list[int] = []
-        hidden: list[torch.Tensor] = []
-        while True:
-            next_id = int(step.logits[0, -1].argmax())
-            tokens.append(next_id)
-            hidden.append(step.hidden[0, -1])
-            if next_id == eos_token_id or len(tokens) == max_new_tokens:
-                return tokens, torch.stack(hidden)
-            step = self.decode_step(torch.tensor([[next_id]], device=self.device), cache)
+        engine = engine or self.engine(input_ids.shape[1] + max_new_tokens)
+        return engine.greedy(self.embed(input_ids, visual_tokens), max_new_tokens, eos_token_id)
 
     @torch.no_grad()
     def teacher_forced_hidden(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None,
-                              continuation: list[int]) -> torch.Tensor:  # fmt: skip
+                              continuation: list[int], engine: LlamaEngine | None = None) -> torch.Tensor:  # fmt: skip
         """Hidden states [L, H] along a given continuation: row i is what predicts continuation[i]."""
-        forced = torch.tensor([continuation[:-1]], dtype=input_ids.dtype, device=input_ids.device)
-        step = self.prefill(torch.cat([input_ids, forced], dim=1), visual_tokens, self.new_cache())
-        return step.hidden[0, -len(continuation) :]
+        ids = torch.cat([input_ids.cpu(), torch.tensor([continuation[:-1]], dtype=input_ids.dtype)], dim=1)
+        engine = engine or self.engine(ids.shape[1])
+        return engine.prefill(self.embed(ids, visual_tokens)).hidden[0, -len(continuation) :]
+
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> list[int]:  # fmt: skip
+        """Greedy answer from pixels: every stage in order, as the engine runs them."""
+        visual = self.project(self.encode_vision(pixel_values))
+        return self.greedy_with_hidden(input_ids, visual, max_new_tokens, eos_token_id)[0]
 
     @abstractmethod
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
@@ -130,12 +80,7 @@ class LanguageStages(ABC):
 
     @abstractmethod
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
-        """The model's own prompt for `question` as ids [1, S], one placeholder per visual token."""
-
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[int]:  # fmt: skip
-        """Greedy answer from pixels: every stage in order, as the engine runs them."""
-        return self.greedy(input_ids, self.project(self.encode_vision(pixel_values)), max_new_tokens, eos_token_id)
+        """The model's own prompt for `question` as ids [1, S] on the host, one placeholder per visual token."""
 
 
 class EventGPTStages(LanguageStages):
@@ -149,7 +94,7 @@ class EventGPTStages(LanguageStages):
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
         ids = eventgpt_prompt_ids(tokenizer, question, self.model.config.n_visual_tokens, self.placeholder_id)
-        return torch.tensor([ids], device=self.device)
+        return torch.tensor([ids])
 
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -173,7 +118,7 @@ class VideoLlavaStages(LanguageStages):
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
         ids = video_llava_prompt_ids(tokenizer, question, n_video_tokens(self.model.config, self.n_images))
-        return torch.tensor([ids], device=self.device)
+        return torch.tensor([ids])
 
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 
 from evspec.atomic import atomic_output  # noqa: E402
 from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
-from evspec.spec.cost import expected_tokens_per_cycle, predicted_decode_speedup  # noqa: E402
+from evspec.speculative.cost import expected_tokens_per_cycle, predicted_decode_speedup  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGES = ("index", "data", "stages", "alignment", "speculative")
@@ -93,7 +93,7 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         return None
     stages = pd.read_parquet(path)
     order = ["vision", "projector", "prefill", "decode_step"]
-    per_model = stages[~stages["stage"].isin(["verify", "draft_head_step"])]
+    per_model = stages[~stages["stage"].isin(["verify", "draft_head_token"])]
     table = per_model.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
     lengths = per_model.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
     table = table.merge(lengths, on=["model", "images"])
@@ -106,8 +106,7 @@ def stages_section(results: Path, figures: Path) -> dict | None:
     axis.set(ylabel="ms (median)", title=f"stage costs, {stages['scale'].iloc[0]} scale on {stages['device'].iloc[0]}")
     axis.legend(fontsize=8)
     positions = np.arange(len(table))
-    decode_axis.bar(positions - 0.2, table["decode_step"], width=0.4, label="stage API step")
-    decode_axis.bar(positions + 0.2, table["decode_step_fast_engine"], width=0.4, label="fast engine step")
+    decode_axis.bar(positions, table["decode_step"], width=0.5, label="engine step")
     if "decode_floor" in table:
         decode_axis.hlines(table["decode_floor"], positions - 0.4, positions + 0.4, colors="black", label="floor")
     decode_axis.set(xticks=positions, xticklabels=labels, ylabel="ms per token", title="one decode step vs its floor")
@@ -146,25 +145,27 @@ def _step_costs(stages: pd.DataFrame) -> dict:
         rows = stages[(stages["model"] == model) & (stages["stage"] == stage)].sort_values("images")
         return float(rows["ms_median"].iloc[-1]) if len(rows) else None
 
-    return {"target_step_ms": median("video_llava", "decode_step_fast_engine"),
-            "eventgpt_step_ms": median("eventgpt", "decode_step_fast_engine"),
-            "head_step_ms": median("video_llava", "draft_head_step"),
-            "verify_ms": {int(r.k): float(r.ms_median) for r in stages[stages["stage"] == "verify"].itertuples()}}  # fmt: skip
+    def per_k(stage: str) -> dict[int, float]:
+        return {int(r.k): float(r.ms_median) for r in stages[stages["stage"] == stage].itertuples()}
+
+    return {"target_step_ms": median("video_llava", "decode_step"), "eventgpt_step_ms": median("eventgpt", "decode_step"),
+            "head_token_ms": per_k("draft_head_token"), "verify_ms": per_k("verify")}  # fmt: skip
 
 
 def projection(summary: dict, stages: dict) -> list[dict]:
     """Decode-phase speedup projected from stage costs (bench/stages.parquet) and this run's acceptance.
 
-    The cost model of `evspec.spec.cost` with the measured conditional acceptance per draft
+    The cost model of `evspec.speculative.cost` with the measured conditional acceptance per draft
     position, c = draft token / target step and v = verify(k + 1 tokens) / target step from
     the stage timings: E / (k c + v).
     """
     costs = stages["costs"]
     step = costs["target_step_ms"]
-    draft_ms = {"token": costs["eventgpt_step_ms"], "prefill": costs["eventgpt_step_ms"], "feature": costs["head_step_ms"]}
     rows = []
     for entry in summary["methods"]:
-        k, ms = entry["k"], draft_ms.get(entry["method"])
+        k = entry["k"]
+        ms = costs["head_token_ms"].get(k) if entry["method"] == "feature" else (
+            costs["eventgpt_step_ms"] if entry["method"] in ("token", "prefill") else None)  # fmt: skip
         rates = entry.get("conditional_acceptance_by_position")
         if rates is None or ms is None or step is None or k not in costs["verify_ms"]:
             continue

@@ -1,21 +1,19 @@
-"""The drafters of the speculative engine: EventGPT itself (`token`, `prefill`) and the draft head (`feature`).
+"""EventGPT as a drafter (`token`, `prefill`); the draft head's drafter is its engine (`evspec.engine.head`).
 
 Each holds its own `Sampler` (the run's sampling spec, a random stream on its device) and
 returns, when sampling, the distribution q each draft was drawn from, over the target's
 ids, so the acceptance test reads exactly the law the drafts came from. EventGPT proposes
-only ids the two tokenizers share (`SharedVocabulary`); the draft head decodes through the
-target's own lm_head, so its vocabulary is the target's.
+only ids the two tokenizers share (`SharedVocabulary`).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from evspec.adapter.modules import DraftHead
 from evspec.models.tokenizer import SharedVocabulary
-from evspec.spec.fast_llama import FastLlama
-from evspec.spec.sampling import Sampler
+from evspec.engine.kernels import host_to_device
+from evspec.engine.llama import LlamaEngine
+from evspec.speculative.sampling import Sampler
 
 
 def _stacked(ids: list[torch.Tensor], probs: list[torch.Tensor | None]):
@@ -29,7 +27,7 @@ class TokenDrafter:
     proposal feeds first (the bonus token, and the last draft when all k were accepted).
     """
 
-    def __init__(self, draft: FastLlama, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler) -> None:
+    def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler) -> None:
         self.draft, self.vocabulary, self.target_vocab, self.sampler = draft, vocabulary, target_vocab, sampler
         self.allowed = vocabulary.draft_mask.to(draft.device)
         self.pending: list[int] = []
@@ -38,7 +36,7 @@ class TokenDrafter:
         self.pending = [first_token]
 
     def propose(self, k: int):
-        out = self.draft.step(torch.tensor([self.vocabulary.readable(self.pending)], device=self.draft.device))
+        out = self.draft.step(host_to_device([self.vocabulary.readable(self.pending)], self.draft.device))
         self.base = self.draft.length
         ids, probs = [], []
         for position in range(k):
@@ -53,42 +51,7 @@ class TokenDrafter:
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
         n_accepted, k = len(tokens) - 1, len(self.proposed)
         self.draft.rewind(self.base + min(n_accepted, k - 1))  # drafts 1..k-1 were fed; keep the accepted
-        self.pending = ([int(self.proposed[-1])] if n_accepted == k else []) + [tokens[-1]]
-
-
-class HeadDrafter:
-    """The cross-modal draft head: reads the target's own states and tokens, drafts via its lm_head."""
-
-    def __init__(self, head: DraftHead, event_tokens: torch.Tensor | None, embed_tokens: nn.Embedding,
-                 lm_head: nn.Linear, sampler: Sampler) -> None:  # fmt: skip
-        self.head, self.embed_tokens, self.lm_head, self.sampler = head, embed_tokens, lm_head, sampler
-        parameter = next(head.parameters())
-        self.dtype = parameter.dtype
-        events = None if event_tokens is None else event_tokens[None].to(parameter.device, self.dtype)
-        self.prefix = head.event_prefix(events)
-        self.target_vocab = lm_head.out_features
-
-    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
-        self.hidden = first_hidden[None].to(self.dtype)  # [n, H]: state behind each committed token
-        self.tokens = torch.tensor([first_token], device=first_hidden.device)
-
-    @torch.no_grad()
-    def propose(self, k: int):
-        hidden, tokens = self.hidden, self.tokens
-        ids, probs = [], []
-        for _ in range(k):
-            embeds = self.embed_tokens(tokens).to(self.dtype)
-            state = self.head(hidden[None], embeds[None], self.prefix)[0, -1]
-            logits = self.lm_head(state.to(self.lm_head.weight.dtype))
-            token, q = self.sampler.propose(logits, None, self.target_vocab)
-            ids.append(token)
-            probs.append(q)
-            hidden, tokens = torch.cat([hidden, state[None]]), torch.cat([tokens, token.view(1)])
-        return _stacked(ids, probs)
-
-    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
-        self.hidden = torch.cat([self.hidden, hidden.to(self.dtype)])
-        self.tokens = torch.cat([self.tokens, torch.tensor(tokens, device=self.tokens.device)])
+        self.pending = ([tokens[-2]] if n_accepted == k else []) + [tokens[-1]]  # tokens[-2]: the last draft
 
 
 class PrefetchedDrafter(TokenDrafter):
@@ -101,7 +64,7 @@ class PrefetchedDrafter(TokenDrafter):
     away; otherwise they are dropped and the draft resumes from the target's token.
     """
 
-    def __init__(self, draft: FastLlama, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler,
+    def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler,
                  prompt_length: int, guesses: torch.Tensor, guess_probs: torch.Tensor | None) -> None:  # fmt: skip
         super().__init__(draft, vocabulary, target_vocab, sampler)
         self.prompt_length = prompt_length
@@ -109,7 +72,7 @@ class PrefetchedDrafter(TokenDrafter):
         self.prefetched = False
 
     @classmethod
-    def draft_ahead(cls, draft: FastLlama, prefill_logits: torch.Tensor, k: int, vocabulary: SharedVocabulary,
+    def draft_ahead(cls, draft: LlamaEngine, prefill_logits: torch.Tensor, k: int, vocabulary: SharedVocabulary,
                     target_vocab: int, sampler: Sampler) -> PrefetchedDrafter:  # fmt: skip
         """Draw g0..gk from the draft's prefill onward, without any host synchronisation."""
         prompt_length = draft.length

@@ -50,6 +50,19 @@ class SamplingSpec:
         return torch.softmax(self.warp(logits), dim=-1)
 
 
+def inverse_cdf(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Ids [...] drawn from rows [..., V] of probabilities by inverting their CDF at uniforms [...] in [0, 1).
+
+    The one way every draw is made (graph-capturable: the uniforms come from the caller's
+    random stream before a replay). The CDF is accumulated in fp32 and its last value
+    scales the uniform, so rows need not sum to exactly 1; ids without mass are never drawn.
+    """
+    cdf = probabilities.float().cumsum(-1)
+    index = torch.searchsorted(cdf, uniforms[..., None].float() * cdf[..., -1:], right=True)
+    last = cdf.argmax(-1, keepdim=True)  # the last id with mass: argmax returns the first maximum
+    return torch.minimum(index, last).squeeze(-1)
+
+
 @dataclass
 class Sampler:
     """A spec and the random stream its draws come from (one per device that draws)."""
@@ -66,8 +79,8 @@ class Sampler:
 
     def draw(self, probabilities: torch.Tensor) -> torch.Tensor:
         """One id per row of [..., V] probabilities (no host synchronisation)."""
-        flat = probabilities.reshape(-1, probabilities.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).view(probabilities.shape[:-1])
+        return inverse_cdf(probabilities, self.uniform(probabilities[..., 0].numel(), probabilities.device).view(
+            probabilities.shape[:-1]))  # fmt: skip
 
     def uniform(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.rand(n, device=device, generator=self.generator)

@@ -23,8 +23,9 @@ from typing import Protocol
 
 import torch
 
-from evspec.spec.fast_llama import FastLlama, FastOutput
-from evspec.spec.sampling import Sampler
+from evspec.engine.kernels import host_to_device
+from evspec.engine.llama import EngineOutput, LlamaEngine
+from evspec.speculative.sampling import Sampler
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _done(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -> b
     return len(tokens) >= max_new_tokens or (eos_token_id is not None and eos_token_id in tokens)
 
 
-def decode_target(target: FastLlama, prefill_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+def decode_target(target: LlamaEngine, prefill_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
                   sampler: Sampler) -> Decoded:  # fmt: skip
     """The baseline: one target step per token after the prefill (whose last logits give token 1)."""
     token = sampler.pick(prefill_logits[:, -1])  # [1]
@@ -82,7 +83,7 @@ def decode_target(target: FastLlama, prefill_logits: torch.Tensor, max_new_token
     return result
 
 
-def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter, k: int, max_new_tokens: int,
+def decode_speculative(target: LlamaEngine, prefill: EngineOutput, drafter: Drafter, k: int, max_new_tokens: int,
                        eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
     """Draft k, verify k + 1, keep the agreed prefix plus one target token; repeat."""
     first = sampler.pick(prefill.logits[:, -1])
@@ -94,7 +95,7 @@ def decode_speculative(target: FastLlama, prefill: FastOutput, drafter: Drafter,
         draft_ids, draft_probs = drafter.propose(k)
         draft_ids = draft_ids.to(target.device, non_blocking=True)  # a no-op unless the draft has its own GPU
         draft_probs = None if draft_probs is None else draft_probs.to(target.device, non_blocking=True)
-        verify_ids = torch.cat([torch.tensor([tokens[-1]], device=target.device), draft_ids])[None]
+        verify_ids = torch.cat([host_to_device([tokens[-1]], target.device), draft_ids])[None]
         out = target.step(verify_ids)  # logits [1, k + 1, V]: row i predicts what follows verify_ids[i]
         n_accepted, bonus = _accept(out.logits[0], draft_ids, draft_probs, sampler)
         kept = draft_ids[:n_accepted].tolist() + [bonus]

@@ -14,8 +14,9 @@ Definitions (the reports quote these; nothing else computes them):
   (1 - alpha^(k+1)) / (1 - alpha) undercounts whenever early positions are easier.
 - Tokens per cycle: E = 1 + sum_i prod_{j <= i} a_j, the mean of (accepted + 1) over cycles
   when every cycle needs all k positions (an identity then; the answer's last cycle may need fewer).
-- c = one draft token's time / one target decode step's; v(k) = one verify of k + 1 tokens /
-  one target decode step.
+- c = one draft token's time / one target decode step's, where one draft token's time is one
+  proposal of k drafts (with the commit of the tokens the target kept) / k: all the drafting a
+  cycle costs, spread over its drafts; v(k) = one verify of k + 1 tokens / one target decode step.
 - Decode-phase speedup = the target's decode time per token / the method's, decode phase
   only (after the first token; the drafter's own set-up, e.g. EventGPT's vision and prefill,
   is reported separately as `draft_setup_ms`). Predicted: E / (k c + v(k)).

@@ -2,7 +2,7 @@
 
 For each (method, k), over the clips every method answered (definitions of alpha, the
 conditional per-position acceptance, tokens per cycle, c, v and the cost model are in
-`evspec.spec.cost`, stated once):
+`evspec.speculative.cost`, stated once):
 - speedup: target total_ms / method total_ms per clip (end to end: vision, prefill, the
   drafter's set-up, decode); median and a bootstrap 95% interval of the median;
 - decode-phase speedup: the target's decode ms per token / the method's, per clip (clips
@@ -12,7 +12,7 @@ conditional per-position acceptance, tokens per cycle, c, v and the cost model a
 - acceptance: counts per draft position, alpha, conditional per-position acceptance,
   tokens per cycle;
 - lossless: greedy, the share of clips whose ids equal the target's and the first
-  divergence; sampling, the distribution test of `evspec.spec.lossless` on the repeated
+  divergence; sampling, the distribution test of `evspec.speculative.lossless` on the repeated
   draws (and on EventGPT alone, the negative control).
 """
 
@@ -26,8 +26,8 @@ import pandas as pd
 
 from evspec.atomic import atomic_output
 from evspec.errors import InputError
-from evspec.spec.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
-from evspec.spec.lossless import DRAFT_ALONE, lossless_test
+from evspec.speculative.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
+from evspec.speculative.lossless import DRAFT_ALONE, lossless_test
 
 BOOTSTRAP_SAMPLES = 2000
 

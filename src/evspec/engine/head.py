@@ -1,0 +1,145 @@
+"""The draft head as an engine: a static KV cache and the whole k-token proposal as one CUDA graph.
+
+The head (`evspec.adapter.modules.DraftHead`) is one decoder layer. Position i reads the
+pair (h_i, t_i): the target's state whose lm_head chose token t_i and that token. Its key
+and value depend on that pair only, so the cache holds, in order:
+
+    [event tokens of the clip (computed once per clip)] [one entry per committed pair] [drafts]
+
+`propose(k)` runs, in one graph: the keys/values of the pairs committed since the last
+proposal (up to k + 1 slots; the slots past the count are written beyond the committed
+length and overwritten later), the block at the last committed pair, then k - 1 single
+positions fed the head's own predicted state and draft token. Each position decodes through
+the target's lm_head; greedy takes the argmax, sampling inverts the warped distribution's
+CDF at uniforms drawn from the drafter's own random stream before the replay. A drafted
+token therefore costs one layer plus the lm_head whatever the answer's length: the cache is
+read only up to the filled bucket (`evspec.engine.kernels`).
+
+It is a `Drafter` (start / propose / commit) of `evspec.speculative.decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evspec.adapter.modules import DraftHead
+from evspec.engine.kernels import Graphs, bucket_end, host_to_device, round_capacity
+from evspec.speculative.sampling import Sampler, inverse_cdf
+
+
+class HeadEngine:
+    def __init__(self, head: DraftHead, embed_tokens: nn.Embedding, lm_head: nn.Linear, max_events: int,
+                 max_answer: int, max_k: int, sampler: Sampler, compile: bool | None = None) -> None:  # fmt: skip
+        """Room for `max_events` event tokens, answers of `max_answer` tokens and proposals of up to `max_k`."""
+        self.head, self.embed_tokens, self.lm_head, self.sampler = head, embed_tokens, lm_head, sampler
+        parameter = next(head.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        size, heads = head.config.hidden_size, head.config.n_heads
+        self.capacity = round_capacity(max_events + max_answer + 2 * max_k + 2)
+        self.max_k = max_k
+        self.keys = torch.zeros(1, heads, self.capacity, size // heads, device=self.device, dtype=self.dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.key_positions = torch.arange(self.capacity, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # committed length (device)
+        self.count = torch.ones(1, dtype=torch.long, device=self.device)  # pairs waiting in the slots
+        self.slot_hidden = torch.zeros(max_k + 1, size, device=self.device, dtype=self.dtype)
+        self.slot_tokens = torch.zeros(max_k + 1, dtype=torch.long, device=self.device)
+        self.uniforms = torch.zeros(max_k, device=self.device)
+        self.offsets = torch.arange(max_k + 1, device=self.device)
+        self.length = self.n_events = 0  # committed length on the host; the event prefix's length
+        self.pending: tuple[torch.Tensor, list[int]] | None = None  # (hidden [m, H], tokens) not yet in the cache
+        self.graphs = Graphs(self.device)
+        self.body = self._propose
+        if self.device.type == "cuda" if compile is None else compile:
+            self.body = torch.compile(self._propose, fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def load_events(self, event_tokens: torch.Tensor | None) -> None:
+        """The clip's event tokens [N, D_event] (EventGPT's projected tokens) as the cache's prefix; None: none."""
+        prefix = None if event_tokens is None else self.head.event_prefix(event_tokens[None].to(self.device, self.dtype))
+        self.n_events = 0 if prefix is None else prefix.shape[1]
+        if self.n_events:
+            keys, values = self.head.key_values(prefix)
+            self.keys[:, :, : self.n_events] = keys
+            self.values[:, :, : self.n_events] = values
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        """A new answer after the event prefix: its first token and the target state that chose it."""
+        self.length = self.n_events
+        self.position.fill_(self.length)
+        self.pending = (first_hidden.reshape(1, -1), [first_token])
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        """The target kept `tokens`; `hidden` [m, H] are the states that chose them."""
+        if self.pending is not None:  # committed twice without a proposal between (evaluation walks answers)
+            hidden, tokens = torch.cat([self.pending[0], hidden]), self.pending[1] + list(tokens)
+        self.pending = (hidden, list(tokens))
+
+    @torch.no_grad()
+    def propose(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k draft ids [k] and, when sampling, their distributions [k, V]: the graph's outputs, read before the next call."""
+        if not 1 <= k <= self.max_k:
+            raise ValueError(f"k = {k} outside 1..{self.max_k} (the engine's max_k)")
+        hidden, tokens = self.pending
+        if len(tokens) > k + 1:  # more pairs than slots: cache the older ones first (eagerly)
+            self._cache_pairs(hidden[: -(k + 1)], tokens[: -(k + 1)])
+            hidden, tokens = hidden[-(k + 1) :], tokens[-(k + 1) :]
+        m = len(tokens)
+        if self.length + m + 2 * k > self.capacity:
+            raise ValueError(f"head cache of {self.capacity} positions is full ({self.length} + {m} + {2 * k})")
+        self.slot_hidden[:m].copy_(hidden)
+        self.slot_tokens[:m].copy_(host_to_device(tokens, self.device))
+        self.count.fill_(m)
+        if not self.sampler.greedy:
+            self.uniforms[:k].copy_(self.sampler.uniform(k, self.device))
+        attended = bucket_end(self.length + m + k, self.capacity)
+        length = self.length
+        out = self.graphs.run((k, attended), lambda: self.body(k, attended), restore=lambda: None)
+        self.length = length + m
+        self.position.fill_(self.length)
+        self.pending = None
+        return out
+
+    def _propose(self, k: int, attended: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The proposal (see the module docstring); reads the slots, `count`, `position` and `uniforms`."""
+        x, normed = self.head.inputs(self.slot_hidden[None, : k + 1], self._embed(self.slot_tokens[: k + 1]))
+        self._write(normed, self.position + self.offsets[: k + 1])
+        last = self.count - 1
+        query_position = self.position + last
+        state = self._block(x.index_select(1, last), normed.index_select(1, last), query_position, attended)
+        ids, probs = [], []
+        for j in range(k):
+            logits = self.lm_head(state.to(self.lm_head.weight.dtype))[0]  # [1, V]
+            if self.sampler.greedy:
+                token, q = logits.argmax(-1), None
+            else:
+                q = self.sampler.probabilities(logits)
+                token = inverse_cdf(q, self.uniforms[j : j + 1])
+            ids.append(token)
+            probs.append(q)
+            if j < k - 1:
+                query_position = query_position + 1
+                x, normed = self.head.inputs(state, self._embed(token))
+                self._write(normed, query_position)
+                state = self._block(x, normed, query_position, attended)
+        return torch.cat(ids), (torch.cat(probs) if probs[0] is not None else None)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)[None].to(self.dtype)
+
+    def _write(self, normed: torch.Tensor, positions: torch.Tensor) -> None:
+        keys, values = self.head.key_values(normed)
+        self.keys.index_copy_(2, positions, keys)
+        self.values.index_copy_(2, positions, values)
+
+    def _block(self, x: torch.Tensor, normed: torch.Tensor, query_positions: torch.Tensor, attended: int) -> torch.Tensor:
+        visible = self.key_positions[None, :attended] <= query_positions[:, None]  # [n, attended]
+        return self.head.block(x, normed, self.keys[:, :, :attended], self.values[:, :, :attended], visible)
+
+    def _cache_pairs(self, hidden: torch.Tensor, tokens: list[int]) -> None:
+        """Keys/values of committed pairs that no proposal will query (outside the graph)."""
+        x, normed = self.head.inputs(hidden[None].to(self.dtype), self._embed(host_to_device(tokens, self.device)))
+        self._write(normed, self.position + torch.arange(len(tokens), device=self.device))
+        self.length += len(tokens)
+        self.position.fill_(self.length)

@@ -1,0 +1,102 @@
+"""What both engines share: attention over the filled part of a static cache, and CUDA-graph capture.
+
+**Cost follows the filled length, not the capacity.** A step attends only to the cache's
+first `bucket_end(length)` positions (the length rounded up to a multiple of `BUCKET`), so
+a cache of 8192 positions holding 2300 costs what one of 2304 does; the few unfilled
+positions inside the bucket are masked. Graphs are captured per (step length, bucket), so
+a graph never reads more than one bucket past the filled length.
+
+**Split-KV attention for short queries.** At batch 1 a decode step has one query per head,
+so a fused kernel that parallelises over (batch, heads, query blocks) runs 32 thread
+blocks on a 132-SM GPU and reads the K/V at a fraction of the bandwidth. `attend` with
+`split=True` computes the scores as one batched matmul, the softmax in fp32 (as
+transformers' eager attention does), and probabilities x values per chunk of `CHUNK` keys
+as one batched matmul over (heads x chunks), summing the chunks' partial outputs in fp32:
+every SM gets work. Long queries (the prefill) use PyTorch's fused SDPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+BUCKET = 256  # positions: the granularity at which step cost follows the filled length
+CHUNK = 128  # keys per split of the split-KV attention (BUCKET is a multiple)
+
+
+def bucket_end(length: int, capacity: int) -> int:
+    """The attended prefix for a step whose last position is `length - 1`: a multiple of BUCKET, within capacity."""
+    return min(-(-length // BUCKET) * BUCKET, capacity)
+
+
+def round_capacity(length: int) -> int:
+    """Static caches are allocated in whole buckets, so every bucket_end splits into whole chunks."""
+    return -(-length // BUCKET) * BUCKET
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, split: bool) -> torch.Tensor:
+    """q [1, Hq, n, d] over keys/values [1, Hkv, L, d] where `visible` [n, L] is True; -> [1, Hq, n, d].
+
+    Heads are grouped as transformers' `repeat_kv` groups them (query head h reads kv head h // (Hq / Hkv)).
+    """
+    if not split:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
+    _, n_heads, n, head_dim = q.shape
+    n_kv_heads, length = keys.shape[1], keys.shape[2]
+    group = n_heads // n_kv_heads
+    rows = q.reshape(1, n_kv_heads, group * n, head_dim)  # the queries that read one kv head, stacked
+    scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [1, Hkv, g*n, L]
+    scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
+    probs = scores.softmax(-1).to(values.dtype)
+    chunks = length // CHUNK
+    partial = torch.matmul(probs.view(1, n_kv_heads, group * n, chunks, CHUNK).transpose(2, 3),
+                           values.view(1, n_kv_heads, chunks, CHUNK, head_dim))  # [1, Hkv, J, g*n, d]  # fmt: skip
+    return partial.float().sum(2).to(values.dtype).view(1, n_heads, n, head_dim)
+
+
+class Graphs:
+    """CUDA graphs of one engine, captured on first use per key and replayed after.
+
+    All graphs share one memory pool, so outputs of one replay may be overwritten by the next
+    replay of any graph of the engine: callers read (or clone) outputs before the next step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
+
+    def run(self, key: tuple, function: Callable[[], object], restore: Callable[[], None]) -> object:
+        """`function()` (reading static inputs the caller filled), as a replayed graph on CUDA.
+
+        `restore` puts back the engine state the function advances (write positions), so the
+        warm-up and capture runs leave no trace but the garbage past the filled length.
+        """
+        if not self.enabled:
+            return function()
+        if key not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (compilation, cuBLAS workspaces) off the capture
+                for _ in range(2):
+                    function()
+                    restore()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = function()
+            restore()  # capture records the kernels without running them
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+
+def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Ids from the host without a host synchronisation (pinned memory, non-blocking copy) on CUDA."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -1,0 +1,216 @@
+"""The LLaMA engine: batch-1 prefill, steps and rewinds of either model's language half near the memory floor.
+
+It runs the weights of a transformers `LlamaModel` without copying them: q/k/v and
+gate/up are fused into one matrix each and the original modules are re-pointed at views
+of it, so memory stays one copy of the weights. Feature extraction, stage timing and
+speculation all run this engine, so what is trained on, timed and served is the same
+kernels; transformers' own forward is the oracle the tests hold it equal to in fp32.
+
+    engine = LlamaEngine(language_model, lm_head, max_length=2300)
+    out = engine.prefill(prompt_embeds)     # a fresh cache; fused causal attention, eager
+    out = engine.step(token_ids)            # 1 or k + 1 tokens after the cache
+    engine.rewind(length)                   # rejected drafts: move the write position back
+
+On CUDA each step is a CUDA graph per (step length, length bucket) over layers compiled by
+torch.compile (the default; `compile=False` captures eager kernels), attending only to the
+filled buckets of the cache (`evspec.engine.kernels`). The cache is written by position,
+so rolling back is a pointer move: entries past the position are masked out and
+overwritten by the next step. On CPU the same code runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from evspec.engine.kernels import Graphs, attend, bucket_end, round_capacity
+
+
+@dataclass
+class EngineOutput:
+    logits: torch.Tensor  # [1, n, V]
+    hidden: torch.Tensor  # [1, n, H] after the final norm: what lm_head reads
+
+
+def _fuse(modules: list[nn.Linear]) -> torch.Tensor:
+    """Concatenate the modules' weights row-wise and make each module's weight a view of the result."""
+    fused = torch.cat([m.weight.data for m in modules], dim=0)
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
+class LlamaEngine:
+    """Static-cache LLaMA forward over an HF `LlamaModel`'s weights; positions continue from `length`."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool | None = None,
+                 split_attention: bool | None = None) -> None:  # fmt: skip
+        """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile, once per step shape;
+        `split_attention` (default: on CUDA) picks split-KV attention for steps (`evspec.engine.kernels.attend`)."""
+        config = language_model.config
+        self.embed_tokens = language_model.embed_tokens
+        self.norm = language_model.norm
+        self.lm_head = lm_head
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.capacity = round_capacity(max_length)
+        weight = lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        on_cuda = self.device.type == "cuda"
+        self.split = on_cuda if split_attention is None else split_attention
+        self.layers = []
+        for layer in language_model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            if any(getattr(m, "bias", None) is not None for m in (attention.q_proj, attention.k_proj, attention.v_proj)):
+                raise ValueError("the engine supports LLaMA without attention biases (as Vicuna/EventGPT)")
+            self.layers.append((  # plain tensors (not Parameters), so a compiled layer is not specialised per layer
+                layer.input_layernorm.weight.detach(),
+                _fuse([attention.q_proj, attention.k_proj, attention.v_proj]),
+                attention.o_proj.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                _fuse([mlp.gate_proj, mlp.up_proj]),
+                mlp.down_proj.weight.detach(),
+            ))  # fmt: skip
+        self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps, self.split)
+        self.step_layer = _layer
+        if on_cuda if compile is None else compile:  # the prefill stays eager
+            # the one-token step compiles for its exact shape; once a second step length or length bucket
+            # appears, torch.compile's automatic dynamic shapes make those sizes symbolic (one more compilation)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.step_layer = torch.compile(_layer, fullgraph=True)
+        cache_shape = (len(self.layers), 1, self.n_kv_heads, self.capacity, self.head_dim)
+        self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        positions = torch.arange(self.capacity, device=self.device)
+        probe = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=self.dtype)
+        cos, sin = language_model.rotary_emb(probe, positions[None])  # the model's own RoPE, scaling included
+        self.cos, self.sin = cos[0], sin[0]  # [capacity, head_dim]
+        self.key_positions = positions
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # next write position (device)
+        self.length = 0  # the same, on the host
+        self.graphs = Graphs(self.device)
+        self.step_ids: dict[int, torch.Tensor] = {}  # the graphs' static inputs, one per step length
+
+    # ---- the forward ------------------------------------------------------------------------
+    def _forward(self, embeds: torch.Tensor, attended: int | None, layer_function) -> EngineOutput:
+        """embeds [1, n, H] at positions position..position+n-1, writing their K/V into the cache.
+
+        `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
+        empty cache, causal over the n new positions only.
+        """
+        n = embeds.shape[1]
+        positions = self.position + torch.arange(n, device=self.device)  # [n]
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, d]
+        visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
+        x = embeds
+        for index, weights in enumerate(self.layers):
+            x = layer_function(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
+                               attended, self.shape)  # fmt: skip
+        hidden = self.norm(x)
+        self.position += n
+        return EngineOutput(self.lm_head(hidden), hidden)
+
+    # ---- public steps -----------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor) -> EngineOutput:
+        """A fresh cache holding `embeds` [1, n, H] (the prompt, visual tokens spliced): eager, any length."""
+        self.reset()
+        self._check_room(embeds.shape[1])
+        out = self._forward(embeds.to(self.dtype), None, _layer)
+        self.length = embeds.shape[1]
+        return out
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> EngineOutput:
+        """Tokens [1, n] (on the engine's device) after the cache: a replayed graph per (n, bucket) on CUDA.
+
+        The returned tensors are the graph's static outputs: read them before the next step.
+        """
+        n = token_ids.shape[1]
+        self._check_room(n)
+        attended = bucket_end(self.length + n, self.capacity)
+        ids = token_ids
+        if self.graphs.enabled:
+            if n not in self.step_ids:
+                self.step_ids[n] = torch.zeros(1, n, dtype=torch.long, device=self.device)
+            ids = self.step_ids[n]
+            ids.copy_(token_ids)
+        length = self.length
+        out = self.graphs.run((n, attended), lambda: self._forward(self.embed_tokens(ids), attended, self.step_layer),
+                              restore=lambda: self.position.fill_(length))  # fmt: skip
+        self.length += n
+        return out
+
+    def rewind(self, length: int) -> None:
+        """Forget positions >= length (rejected draft tokens): a pointer move, nothing is copied."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+        self.position.fill_(length)
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    @torch.no_grad()
+    def greedy(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> tuple[list[int], torch.Tensor]:
+        """Greedy answer after a prefill of `embeds`, and the final hidden state [L, H] behind each answer token.
+
+        One host read per token: this is for feature extraction and reference answers, not for serving.
+        """
+        out = self.prefill(embeds)
+        tokens: list[int] = []
+        hidden: list[torch.Tensor] = []
+        while True:
+            token = out.logits[0, -1].argmax()
+            tokens.append(int(token))
+            hidden.append(out.hidden[0, -1].clone())
+            if tokens[-1] == eos_token_id or len(tokens) == max_new_tokens:
+                return tokens, torch.stack(hidden)
+            out = self.step(token.view(1, 1))
+
+    def _check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise ValueError(f"static cache of {self.capacity} positions is full ({self.length} + {n})")
+
+
+def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor | None, attended: int | None,
+           shape: tuple) -> torch.Tensor:  # fmt: skip
+    """One LLaMA decoder layer on x [1, n, H], writing its K/V at `positions` (transformers' arithmetic, fp32 norms)."""
+    input_norm, qkv, o, post_norm, gate_up, down = weights
+    n_heads, n_kv_heads, head_dim, eps, split = shape
+    n = x.shape[1]
+    q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+    q, k, v = F.linear(_rms_norm(x, input_norm, eps), qkv).split([q_size, kv_size, kv_size], dim=-1)
+    q = _rotate(q.view(1, n, n_heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(k.view(1, n, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(1, n, n_kv_heads, head_dim).transpose(1, 2)
+    keys.index_copy_(2, positions, k)
+    values.index_copy_(2, positions, v)
+    if attended is None:  # prefill into an empty cache: causal over the new positions, fused kernel
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads)
+    else:
+        attention = attend(q, keys[:, :, :attended], values[:, :, :attended], visible, split)
+    x = x + F.linear(attention.transpose(1, 2).reshape(1, n, q_size), o)
+    gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm exactly as transformers computes it: in fp32, scaled in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

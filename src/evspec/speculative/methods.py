@@ -1,0 +1,299 @@
+"""The speculative methods: one small function each over one set of engines, timed by phase.
+
+Per clip (pixels preprocessed and prompts tokenised on the host, all on the device before
+the clock starts), each method answers from scratch:
+
+    target        target vision -> prefill -> one engine step per token (the baseline)
+    hf-generate   transformers' `generate` on the same target model
+    hf-assisted   transformers' assisted generation with the draft as `assistant_model`
+    token         as target, then EventGPT (events -> its prompt -> prefill) drafts k per cycle
+    feature       as target, then the draft head (reading EventGPT's event tokens) drafts k
+    prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
+                  drafts are verified right after the prefill, then `token` continues
+
+`prefill` overlaps for real: on one GPU the draft's work runs on a side stream that waits
+only for an event recorded once the clip's inputs are on the device (not for the target's
+vision), and nothing on its path reads the device from the host, so the host queues the
+target's vision, the draft's whole prefill-and-draft and the target's prefill without
+waiting, and the GPU interleaves their kernels. With the draft on its own GPU
+(`draft_device`), the two devices' queues run side by side. On CPU it is sequential (the
+`overlapped` column says which).
+
+Times per answer: `ttft_ms` to the first answer token (the target's vision and prefill),
+`draft_setup_ms` for the drafter's own set-up after it (token: EventGPT's vision and
+prefill; feature: EventGPT's tower and projector, and the head's event prefix; prefill: 0,
+it overlapped), `decode_ms` for the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from evspec.adapter.modules import DraftHead
+from evspec.engine.head import HeadEngine
+from evspec.models.stages import EventGPTStages, VideoLlavaStages
+from evspec.models.tokenizer import SharedVocabulary
+from evspec.models.toy import ModelPair
+from evspec.speculative.decode import Decoded, decode_speculative, decode_target
+from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter
+from evspec.speculative.lossless import DRAFT_ALONE
+from evspec.speculative.sampling import Sampler, SamplingSpec
+from evspec.timing import Stopwatch, median_ms
+
+DRAFTING = ("hf-assisted", "token", "feature", "prefill")
+OWN_DRAFTERS = ("token", "feature", "prefill")  # the methods whose unit costs (c, v) are measured
+COST_REPEATS = 10  # timed repeats of each unit cost (after one warm-up)
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    methods: tuple[str, ...] = ("target", "hf-generate", "hf-assisted", "token", "feature", "prefill")
+    draft_lengths: dict[str, list[int]] = field(
+        default_factory=lambda: {"hf-assisted": [4], "token": [2, 4], "feature": [2, 4], "prefill": [4]}
+    )
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    lossless_clips: int = 2  # sampling: clips of the split whose answers are drawn repeatedly
+    lossless_draws: int = 200  # draws per clip and method
+    lossless_tokens: int = 4  # leading answer tokens compared
+    split: str = "test"
+    max_clips: int = 0  # 0: every clip of the split
+    seed: int = 0
+    device: str = "cpu"
+    draft_device: str | None = None  # e.g. "cuda:1": the draft on a second GPU (prefill overlaps across GPUs)
+    dtype: str = "float32"
+    compile: bool | None = None  # the engines' torch.compile; None: on CUDA
+    draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
+    draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        SamplingSpec(self.temperature, self.top_k, self.top_p)  # validates
+        known = [method for method in METHODS if method != DRAFT_ALONE]
+        unknown = sorted(set(self.methods) - set(known))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {known}")
+        if "target" not in self.methods:
+            raise ValueError("methods must include 'target': every speedup and lossless check is against it")
+        for method in set(self.methods) & set(DRAFTING):
+            if not self.draft_lengths.get(method):
+                raise ValueError(f"draft_lengths needs a list of k for {method!r}")
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        return SamplingSpec(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def longest_draft(self) -> int:
+        return max((max(ks) for method, ks in self.draft_lengths.items() if method in self.methods), default=1)
+
+
+@dataclass
+class Clip:
+    """One question about one clip, ready on the devices."""
+
+    sample_id: str
+    question: str
+    frames: torch.Tensor  # [8, 3, S, S] on the target's device
+    events: torch.Tensor  # [T, 3, S', S'] on the draft's device
+    target_ids: torch.Tensor  # [1, S] the target's prompt, on the host
+    draft_ids: torch.Tensor  # [1, S'] EventGPT's prompt, on the host
+
+
+@dataclass
+class Timed:
+    """One answer and where its time went (ms; NaN where a phase is not separable, as in transformers)."""
+
+    decoded: Decoded
+    ttft_ms: float
+    draft_setup_ms: float
+    total_ms: float
+
+    @property
+    def decode_ms(self) -> float:
+        return self.total_ms - self.ttft_ms - self.draft_setup_ms
+
+
+class Engines:
+    """Both models on their engines, the draft head's engine and the two random streams: what every method runs on."""
+
+    def __init__(self, pair: ModelPair, head: DraftHead | None, vocabulary: SharedVocabulary, eos: int | None,
+                 settings: SpecSettings, max_prompts: tuple[int, int]) -> None:  # fmt: skip
+        """`max_prompts`: the longest target and draft prompts the engines will prefill."""
+        self.pair, self.settings, self.vocabulary, self.eos = pair, settings, vocabulary, eos
+        self.device = torch.device(settings.device)
+        self.draft_device = torch.device(settings.draft_device or settings.device)
+        self.target, self.draft = VideoLlavaStages(pair.target), EventGPTStages(pair.draft)
+        answer = settings.max_new_tokens + 2 * settings.longest_draft + COST_REPEATS + 2  # + room to measure costs
+        self.target_engine = self.target.engine(max_prompts[0] + answer, compile=settings.compile)
+        self.draft_engine = self.draft.engine(max_prompts[1] + answer, compile=settings.compile)
+        self.target_vocab = self.target.lm_head.out_features
+        self.overlapped = self.device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(self.device) if self.overlapped and self.draft_device == self.device else None
+        # one random stream per device that draws: the target's (acceptance, residual, bonus) and the draft's
+        self.target_sampler = Sampler(settings.sampling, torch.Generator(self.device).manual_seed(settings.seed))
+        self.draft_sampler = Sampler(settings.sampling, torch.Generator(self.draft_device).manual_seed(settings.seed + 1))
+        self.head_engine = None
+        if head is not None:
+            n_events = pair.draft.config.n_visual_tokens + pair.draft.config.n_event_images
+            self.head_engine = HeadEngine(head, self.target.language_model.embed_tokens, self.target.lm_head, n_events,
+                                          answer, settings.longest_draft, self.target_sampler,
+                                          compile=settings.compile)  # fmt: skip
+
+    def run(self, method: str, clip: Clip, k: int, max_new_tokens: int | None = None) -> Timed:
+        """`method` answering `clip` from scratch (vision, prefill, decode), with its phases timed."""
+        return METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
+
+    # ---- the pieces methods are made of --------------------------------------------------------
+    def target_prefill(self, clip: Clip, visual: torch.Tensor | None = None):
+        if visual is None:
+            visual = self.target.project(self.target.encode_vision(clip.frames))
+        return self.target_engine.prefill(self.target.embed(clip.target_ids, visual))
+
+    def draft_prefill(self, clip: Clip):
+        visual = self.draft.project(self.draft.encode_vision(clip.events))
+        return self.draft_engine.prefill(self.draft.embed(clip.draft_ids, visual))
+
+    def token_drafter(self, clip: Clip) -> TokenDrafter:
+        self.draft_prefill(clip)
+        return TokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
+
+    def head_drafter(self, clip: Clip) -> HeadEngine:
+        """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
+        if self.head_engine is None:
+            raise ValueError("the feature method needs a trained draft head")
+        self.head_engine.load_events(self.draft.project(self.draft.encode_vision(clip.events)))
+        return self.head_engine
+
+    def speculative(self, prefill, drafter, k: int, max_new_tokens: int) -> Decoded:
+        decoded = decode_speculative(self.target_engine, prefill, drafter, k, max_new_tokens, self.eos,
+                                     self.target_sampler)  # fmt: skip
+        decoded.target_forwards += 1  # the prefill gave the first token
+        return decoded
+
+    def overlapped_prefill(self, clip: Clip, k: int):
+        """The draft prefills and drafts k ahead while the target encodes video and prefills (see the module doc)."""
+        side = self.side_stream
+        if side is not None:
+            inputs_ready = torch.cuda.current_stream(self.device).record_event()  # the clip is on the device
+        target_visual = self.target.project(self.target.encode_vision(clip.frames))  # queued on the main stream
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if side is not None:
+                side.wait_event(inputs_ready)
+            draft_prefill = self.draft_prefill(clip)
+            drafter = PrefetchedDrafter.draft_ahead(self.draft_engine, draft_prefill.logits, k, self.vocabulary,
+                                                    self.target_vocab, self.draft_sampler)  # fmt: skip
+        prefill = self.target_prefill(clip, target_visual)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        return prefill, drafter
+
+    def clock(self) -> Stopwatch:
+        return Stopwatch({self.device, self.draft_device})
+
+    # ---- unit costs of the cost model ----------------------------------------------------------
+    def unit_costs(self, method: str, clip: Clip, k: int, repeats: int = COST_REPEATS) -> dict[str, float]:
+        """The cost model's units (ms, medians; `evspec.speculative.cost`): one target step, one verify of
+        k + 1 tokens, and one draft token = one proposal of k drafts (with its commit of one token) / k."""
+        prefill = self.target_prefill(clip)
+        token = prefill.logits[:, -1].argmax(-1)
+        drafter = self.head_drafter(clip) if method == "feature" else self.token_drafter(clip)
+        drafter.start(int(token), prefill.hidden[0, -1])
+        hidden = prefill.hidden[0, -1:].clone()
+
+        def cycle_without_verify():  # every draft rejected: the answer grows by one token per repeat
+            drafter.propose(k)
+            drafter.commit([int(token)], hidden)
+
+        target_length = self.target_engine.length
+
+        def target_forward(n: int) -> None:
+            self.target_engine.step(token.view(1, 1).expand(1, n))
+            self.target_engine.rewind(target_length)
+
+        devices = {self.device, self.draft_device}
+        return {"draft_token_ms": median_ms(cycle_without_verify, devices, repeats) / k,
+                "target_step_ms": median_ms(lambda: target_forward(1), devices, repeats),
+                "verify_ms": median_ms(lambda: target_forward(k + 1), devices, repeats)}  # fmt: skip
+
+
+# ---- the methods -----------------------------------------------------------------------------------
+def _target(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+    clock = engines.clock()
+    prefill = engines.target_prefill(clip)
+    ttft_ms = clock.ms()
+    decoded = decode_target(engines.target_engine, prefill.logits, max_new_tokens, engines.eos, engines.target_sampler)
+    decoded.target_forwards += 1  # the prefill gave the first token
+    return Timed(decoded, ttft_ms, 0.0, clock.ms())
+
+
+def _with_drafter(make_drafter: Callable[[Engines, Clip], object]):
+    """A method: the target's vision and prefill, the drafter's set-up (timed apart), then speculation."""
+
+    def method(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+        clock = engines.clock()
+        prefill = engines.target_prefill(clip)
+        ttft_ms = clock.ms()
+        drafter = make_drafter(engines, clip)
+        setup_ms = clock.ms() - ttft_ms
+        return Timed(engines.speculative(prefill, drafter, k, max_new_tokens), ttft_ms, setup_ms, clock.ms())
+
+    return method
+
+
+def _prefill(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+    clock = engines.clock()
+    prefill, drafter = engines.overlapped_prefill(clip, k)
+    ttft_ms = clock.ms()
+    return Timed(engines.speculative(prefill, drafter, k, max_new_tokens), ttft_ms, 0.0, clock.ms())
+
+
+def _draft_alone(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+    """EventGPT answering on its own: the negative control of the lossless test."""
+    clock = engines.clock()
+    prefill = engines.draft_prefill(clip)
+    decoded = decode_target(engines.draft_engine, prefill.logits, max_new_tokens, engines.eos, engines.draft_sampler)
+    return Timed(decoded, float("nan"), float("nan"), clock.ms())
+
+
+def _hf(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+    """transformers' generate on the target model with the run's sampling spec; k > 0: assisted by the draft."""
+    clock = engines.clock()
+    pair, spec = engines.pair, engines.settings.sampling
+    sampling = ({"do_sample": False} if spec.greedy else
+                {"do_sample": True, "temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p})  # fmt: skip
+    ids = clip.target_ids.to(engines.device)
+    assist = {}
+    if k:
+        pair.draft.generation_config.num_assistant_tokens = k
+        pair.draft.generation_config.num_assistant_tokens_schedule = "constant"
+        # the vocabularies differ in size (target-only ids), so transformers runs its universal
+        # assisted decoding, which re-tokenises the prompt's text for the assistant (no events)
+        assist = {"assistant_model": pair.draft, "tokenizer": pair.target_tokenizer,
+                  "assistant_tokenizer": pair.draft_tokenizer}  # fmt: skip
+    embeddings = pair.draft.get_input_embeddings()
+    try:
+        out = pair.target.generate(input_ids=ids, pixel_values_videos=clip.frames[None], max_new_tokens=max_new_tokens,
+                                   eos_token_id=engines.eos, pad_token_id=engines.eos, **sampling, **assist)  # fmt: skip
+    finally:  # universal assisted decoding swaps the assistant's input embeddings for a wrapper that embeds
+        pair.draft.set_input_embeddings(embeddings)  # only the last id of later calls: give EventGPT its own back
+    new = out[0, ids.shape[1] :].tolist()
+    decoded = Decoded(new, target_forwards=len(new) if not k else None)  # assisted: transformers does not say
+    return Timed(decoded, float("nan"), float("nan"), clock.ms())
+
+
+METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
+    "target": _target,
+    "hf-generate": lambda engines, clip, k, n: _hf(engines, clip, 0, n),
+    "hf-assisted": _hf,
+    "token": _with_drafter(Engines.token_drafter),
+    "feature": _with_drafter(Engines.head_drafter),
+    "prefill": _prefill,
+    DRAFT_ALONE: _draft_alone,
+}

@@ -1,0 +1,185 @@
+"""The engines equal their references in fp32: the LLaMA engine equals transformers' forward through
+prefill, steps, verifies and rewinds (both attention kernels, across length buckets, at any capacity),
+and the head engine's proposals equal the draft head's own training forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from evspec.adapter.modules import DraftHead, HeadConfig
+from evspec.engine.head import HeadEngine
+from evspec.engine.kernels import BUCKET, attend
+from evspec.engine.llama import LlamaEngine
+from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
+from evspec.models.eventgpt import EventGPTForCausalLM
+from evspec.models.stages import EventGPTStages, VideoLlavaStages
+from evspec.speculative.sampling import Sampler, SamplingSpec, inverse_cdf
+
+VOCAB = 60
+
+
+def _stages(which: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if which == "target":
+        return VideoLlavaStages(VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB)).eval())
+    return EventGPTStages(EventGPTForCausalLM(tiny_eventgpt_config(VOCAB)).eval())
+
+
+def _oracle(stages, embeds: torch.Tensor):
+    """transformers' own forward over the whole sequence: logits and final hidden states."""
+    with torch.no_grad():
+        hidden = stages.language_model(inputs_embeds=embeds).last_hidden_state
+    return stages.lm_head(hidden), hidden
+
+
+def _prompt(stages, n_text: int = 4, seed: int = 1):
+    torch.manual_seed(seed)
+    n_images = 8 if isinstance(stages, VideoLlavaStages) else 5
+    visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, 28, 28)))
+    text = torch.randint(3, VOCAB, (n_text,)).tolist()
+    return torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *text]]), visual
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, split):
+    stages = _stages(which)
+    ids, visual = _prompt(stages)
+    embeds = stages.embed(ids, visual)
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + 2 * BUCKET,
+                         split_attention=split)  # fmt: skip
+    out = engine.prefill(embeds)
+    logits, hidden = _oracle(stages, embeds)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.hidden, hidden, rtol=0, atol=1e-5)
+    sequence = ids[0].tolist()
+    generator = torch.Generator().manual_seed(2)
+    # steps of 1, verifies of several, rewinds, and enough of them to cross a length bucket
+    while len(sequence) < ids.shape[1] + BUCKET + 20:
+        n = int(torch.randint(1, 6, (1,), generator=generator))
+        tokens = torch.randint(3, VOCAB, (1, n), generator=generator)
+        out = engine.step(tokens)
+        sequence += tokens[0].tolist()
+        full_logits, full_hidden = _oracle(stages, stages.embed(torch.tensor([sequence]), visual))
+        torch.testing.assert_close(out.logits, full_logits[:, -n:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.hidden, full_hidden[:, -n:], rtol=0, atol=1e-5)
+        keep = int(torch.randint(0, n, (1,), generator=generator))  # rejected drafts: keep some of the n
+        engine.rewind(engine.length - n + keep + 1)
+        sequence = sequence[: len(sequence) - n + keep + 1]
+    assert engine.length == len(sequence)
+
+
+def test_attention_cost_follows_the_filled_length_and_capacity_changes_nothing():
+    stages = _stages("target")
+    ids, visual = _prompt(stages)
+    embeds = stages.embed(ids, visual)
+    outputs = []
+    for capacity in (ids.shape[1] + 8, 8192):
+        engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=capacity, split_attention=True)
+        engine.prefill(embeds)
+        outputs.append(engine.step(torch.tensor([[5, 7]])).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)  # the same bucket: bit for bit
+
+
+def test_split_attention_equals_fused_attention_with_grouped_heads():
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 3, 16)
+    keys, values = torch.randn(2, 1, 4, 512, 16)
+    visible = torch.arange(512)[None, :] <= torch.tensor([300, 301, 302])[:, None]
+    torch.testing.assert_close(attend(q, keys, values, visible, split=True),
+                               attend(q, keys, values, visible, split=False), rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_engine_refuses_to_overflow_or_rewind_forward():
+    stages = _stages("target")
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=4)
+    assert engine.capacity == BUCKET  # whole buckets
+    engine.step(torch.tensor([[1] * (BUCKET - 1)]))
+    with pytest.raises(ValueError, match="full"):
+        engine.step(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="cannot rewind"):
+        engine.rewind(BUCKET + 1)
+
+
+def test_fusing_keeps_one_copy_of_the_weights():
+    stages = _stages("target")
+    attention = stages.language_model.layers[0].self_attn
+    LlamaEngine(stages.language_model, stages.lm_head, max_length=8)
+    fused = attention.q_proj.weight.data
+    assert attention.k_proj.weight.data.data_ptr() == fused.data_ptr() + fused.numel() * fused.element_size()
+
+
+# ---- the head engine ------------------------------------------------------------------------------
+HIDDEN, EVENT = 32, 24
+
+
+def _head(use_events: bool = True) -> tuple[DraftHead, torch.nn.Embedding, torch.nn.Linear]:
+    torch.manual_seed(3)
+    head = DraftHead(HeadConfig(hidden_size=HIDDEN, event_size=EVENT, n_heads=4, intermediate_size=48,
+                                adapter_hidden_size=16, use_events=use_events)).eval()  # fmt: skip
+    for parameter in head.parameters():  # trained heads are not near-identity: make every weight matter
+        torch.nn.init.normal_(parameter, std=0.3)
+    return head, torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+
+
+def _reference_proposal(head, embed, lm_head, events, hidden, tokens, k, spec, uniforms):
+    """The head's training forward over the whole history, re-run for every draft (no cache)."""
+    prefix = head.event_prefix(None if events is None else events[None])
+    ids, probs = [], []
+    for j in range(k):
+        state = head(hidden[None], embed(tokens)[None], prefix)[0, -1]
+        logits = lm_head(state)[None]
+        if spec.greedy:
+            token, q = logits.argmax(-1), None
+        else:
+            q = spec.probabilities(logits)
+            token = inverse_cdf(q, uniforms[j : j + 1])
+        ids.append(int(token))
+        probs.append(q)
+        hidden, tokens = torch.cat([hidden, state[None]]), torch.cat([tokens, token])
+    return ids, probs
+
+
+@pytest.mark.parametrize("spec", [SamplingSpec(), SamplingSpec(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampling"])  # fmt: skip
+@pytest.mark.parametrize("use_events", [True, False])
+@torch.no_grad()
+def test_head_engine_proposals_equal_the_heads_own_forward(spec, use_events):
+    head, embed, lm_head = _head(use_events)
+    events = torch.randn(7, EVENT)
+    generator = torch.Generator().manual_seed(4)
+    sampler = Sampler(spec, torch.Generator().manual_seed(5))
+    engine = HeadEngine(head, embed, lm_head, max_events=7, max_answer=BUCKET + 40, max_k=5, sampler=sampler)
+    engine.load_events(events)
+    hidden, tokens = torch.randn(1, HIDDEN), torch.tensor([int(torch.randint(3, VOCAB, (1,)))])
+    engine.start(int(tokens[0]), hidden[0])
+    while len(tokens) < BUCKET + 20:  # cycles of every k and every accepted count, across a length bucket
+        k = int(torch.randint(1, 6, (1,), generator=generator))
+        state = sampler.generator.get_state()
+        ids, probs = engine.propose(k)
+        uniforms = torch.rand(k, generator=torch.Generator().set_state(state))  # what the engine drew from
+        expected_ids, expected_probs = _reference_proposal(head, embed, lm_head, events if use_events else None,
+                                                           hidden, tokens, k, spec, uniforms)  # fmt: skip
+        assert ids.tolist() == expected_ids
+        if not spec.greedy:
+            torch.testing.assert_close(probs, torch.cat(expected_probs), rtol=0, atol=1e-5)
+        m = int(torch.randint(1, k + 2, (1,), generator=generator))  # the target kept m tokens
+        kept_hidden, kept = torch.randn(m, HIDDEN), torch.randint(3, VOCAB, (m,), generator=generator)
+        engine.commit(kept.tolist(), kept_hidden)
+        hidden, tokens = torch.cat([hidden, kept_hidden]), torch.cat([tokens, kept])
+
+
+@torch.no_grad()
+def test_head_engine_walks_a_long_history_committed_at_once():
+    """Evaluation commits a whole prefix before proposing: the pairs past the slots are cached first."""
+    head, embed, lm_head = _head()
+    events = torch.randn(7, EVENT)
+    engine = HeadEngine(head, embed, lm_head, 7, 64, 3, Sampler())
+    engine.load_events(events)
+    hidden, tokens = torch.randn(30, HIDDEN), torch.randint(3, VOCAB, (30,))
+    engine.start(int(tokens[0]), hidden[0])
+    engine.commit(tokens[1:].tolist(), hidden[1:])
+    expected, _ = _reference_proposal(head, embed, lm_head, events, hidden, tokens, 3, SamplingSpec(), None)
+    assert engine.propose(3)[0].tolist() == expected
