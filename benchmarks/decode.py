@@ -7,7 +7,8 @@ Builds a 7B-shaped Vicuna (Video-LLaVA's language model: 32 layers, hidden 4096,
 in one process, with warm-up (compilation, graph capture) excluded:
 - floor: (weights + the context's K/V) / device-to-device copy bandwidth measured here;
 - this engine's one-token step after a prompt of Video-LLaVA's length, per variant
-  (`--variants`: compile on/off x split-KV or fused attention; the first is the default), and
+  (`--variants`: torch.compile on or off x the attention kernels of one-token steps / of
+  verifies, `evspec.engine.kernels.attend`; the first is the engine's default on CUDA), and
   its verify of k + 1 tokens for k = 1..16;
 - the same step and verifies with the static cache's capacity at 8192 instead of just above
   the context (cost must follow the filled length);
@@ -108,6 +109,13 @@ def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int) -> dic
     return costs
 
 
+def engine_options(variant: str) -> dict:
+    """"compiled+fused/matmul" -> compile on, fused attention for one-token steps and matmul for verifies."""
+    compiled, kernels = variant.split("+")
+    step, _, verify = kernels.partition("/")
+    return {"compile": compiled == "compiled", "attention": (step, verify or step)}
+
+
 def progress(what: str, result: dict) -> None:
     """A line as each measurement ends (a long run cut short still says what it measured)."""
     print(f"[{time.strftime('%H:%M:%S')}] {what}: " + json.dumps({k: v for k, v in result.items() if k != "greedy_ids"}),
@@ -120,9 +128,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per transformers generate call")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--ks", default=",".join(map(str, range(1, 17))), help="draft lengths whose verify is timed")
-    parser.add_argument("--variants", default="compiled+split,compiled+fused,eager+split",
-                        help="engine variants: compiled|eager (torch.compile'd layers or not; both CUDA graphs) "
-                             "+ split|fused (split-KV or PyTorch's fused attention for steps); the first is the default")  # fmt: skip
+    parser.add_argument("--variants", default="compiled+fused/matmul,compiled+fused,compiled+matmul,compiled+split,eager+fused/matmul",
+                        help="engine variants: compiled|eager (torch.compile'd layers or not; both CUDA graphs) + the "
+                             "attention kernel of one-token steps [/ of verifies] (fused, matmul, split); the first is "
+                             "the default")  # fmt: skip
     parser.add_argument("--large-capacity", type=int, default=8192)
     parser.add_argument("--answer-lengths", default="1,100,1000", help="answer lengths at which the head's c is timed")
     parser.add_argument("--head-k", type=int, default=4)
@@ -145,14 +154,10 @@ def main() -> None:
     small_capacity = args.prompt + 20 + max(ks)  # what speculate allocates: the prompt, the answer, the drafts
     variants = {}
     for variant in args.variants.split(","):
-        compiled, attention = variant.split("+")
-        variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats, compile=compiled == "compiled",
-                                         split_attention=attention == "split")  # fmt: skip
+        variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats, **engine_options(variant))
         progress(variant, variants[variant])
     default = args.variants.split(",")[0]
-    compiled, attention = default.split("+")
-    large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, compile=compiled == "compiled",
-                         split_attention=attention == "split")  # fmt: skip
+    large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, **engine_options(default))
     progress(f"{default} at capacity {args.large_capacity}", large)
     step_ms = variants[default]["step_ms"]
     peers = {}

@@ -10,7 +10,7 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.engine.head import HeadEngine
-from evspec.engine.kernels import BUCKET, attend
+from evspec.engine.kernels import ATTENTION, BUCKET, attend
 from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
@@ -42,17 +42,17 @@ def _prompt(stages, n_text: int = 4, seed: int = 1):
     return torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *text]]), visual
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("attention", [("fused", "fused"), ("matmul", "split"), ("split", "matmul")])
 @pytest.mark.parametrize("which", ["target", "draft"])
-def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, split):
+def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, attention):
     stages = _stages(which)
     ids, visual = _prompt(stages)
     embeds = stages.embed(ids, visual)
     engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + 2 * BUCKET,
-                         split_attention=split)  # fmt: skip
+                         attention=attention)  # fmt: skip
     out = engine.prefill(embeds)
     logits, hidden = _oracle(stages, embeds)
-    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits, logits[:, -1:], rtol=0, atol=1e-5)  # the prefill's: the last position's
     torch.testing.assert_close(out.hidden, hidden, rtol=0, atol=1e-5)
     sequence = ids[0].tolist()
     generator = torch.Generator().manual_seed(2)
@@ -71,25 +71,28 @@ def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(whic
     assert engine.length == len(sequence)
 
 
-def test_attention_cost_follows_the_filled_length_and_capacity_changes_nothing():
+@pytest.mark.parametrize("kernel", ATTENTION)
+def test_attention_reads_the_filled_buckets_only_whatever_the_capacity(kernel):
     stages = _stages("target")
     ids, visual = _prompt(stages)
     embeds = stages.embed(ids, visual)
     outputs = []
     for capacity in (ids.shape[1] + 8, 8192):
-        engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=capacity, split_attention=True)
+        engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=capacity, attention=(kernel, kernel))
         engine.prefill(embeds)
         outputs.append(engine.step(torch.tensor([[5, 7]])).logits)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)  # the same bucket: bit for bit
 
 
-def test_split_attention_equals_fused_attention_with_grouped_heads():
+@pytest.mark.parametrize("kernel", ["matmul", "split"])
+def test_attention_kernels_equal_fused_attention_with_grouped_heads(kernel):
     torch.manual_seed(0)
     q = torch.randn(1, 8, 3, 16)
-    keys, values = torch.randn(2, 1, 4, 512, 16)
+    keys, values = torch.randn(2, 1, 4, 1024, 16)
     visible = torch.arange(512)[None, :] <= torch.tensor([300, 301, 302])[:, None]
-    torch.testing.assert_close(attend(q, keys, values, visible, split=True),
-                               attend(q, keys, values, visible, split=False), rtol=1e-5, atol=1e-5)  # fmt: skip
+    keys, values = keys[:, :, :512], values[:, :, :512]  # a bucket of a larger cache, as steps read it
+    torch.testing.assert_close(attend(q, keys, values, visible, kernel),
+                               attend(q, keys, values, visible, "fused"), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_engine_refuses_to_overflow_or_rewind_forward():

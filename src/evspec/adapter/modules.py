@@ -94,8 +94,7 @@ class DraftHead(nn.Module):
             else None
         )
         self.attention_norm = RMSNorm(size)
-        self.query = nn.Linear(size, size, bias=False)
-        self.key_value = nn.Linear(size, 2 * size, bias=False)
+        self.query_key_value = nn.Linear(size, 3 * size, bias=False)  # one matrix: one read per drafted token
         self.output = nn.Linear(size, size, bias=False)
         self.mlp_norm = RMSNorm(size)
         self.gate_up = nn.Linear(size, 2 * config.intermediate_size, bias=False)
@@ -113,11 +112,14 @@ class DraftHead(nn.Module):
         """hidden, token_embeds: [B, L, H]; prefix: [B, N, H] or None; mask: [B, L] valid positions.
 
         Returns the predicted next hidden states [B, L, H]. (Training runs this over whole answers;
-        the head engine runs the same `inputs` and `block` one position at a time over a KV cache.)
+        the head engine runs the same `inputs`, `heads` and `block` position by position over a KV cache.)
         """
         batch, length, _ = hidden.shape
         x, normed = self.inputs(hidden, token_embeds)
-        keys, values = self.key_values(normed if prefix is None else torch.cat([prefix, normed], dim=1))
+        q, keys, values = self.heads(normed)
+        if prefix is not None:
+            prefix_keys, prefix_values = self.key_values(prefix)
+            keys, values = torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
         n_prefix = keys.shape[2] - length
         # position i sees the whole prefix and answer positions <= i (and only valid ones)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
@@ -126,25 +128,31 @@ class DraftHead(nn.Module):
         if mask is not None:
             valid_keys = torch.cat([torch.ones(batch, n_prefix, dtype=torch.bool, device=x.device), mask.bool()], dim=1)
             allowed = allowed & valid_keys[:, None, None, :]
-        return self.block(x, normed, keys, values, allowed)
+        return self.block(x, q, keys, values, allowed)
 
     def inputs(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x = fuse(hidden, embedding) [B, L, H] and its attention-normed form."""
         x = self.fuse(torch.cat([hidden, token_embeds], dim=-1))
         return x, self.attention_norm(x)
 
-    def key_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, heads, L, H / heads] of normed positions (event tokens or answer positions)."""
-        batch, length, size = normed.shape
-        heads = self.config.n_heads
-        keys, values = self.key_value(normed).view(batch, length, 2, heads, size // heads).permute(2, 0, 3, 1, 4)
-        return keys, values
+    def heads(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, L, H / heads] of normed answer positions, from one matmul."""
+        return self._split_heads(self.query_key_value(normed), 3)
 
-    def block(self, x: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def key_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of normed event tokens (no queries: they only ever are attended to)."""
+        size = self.config.hidden_size
+        return self._split_heads(F.linear(normed, self.query_key_value.weight[size:]), 2)
+
+    def _split_heads(self, projected: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        batch, length, _ = projected.shape
+        heads = self.config.n_heads
+        return projected.view(batch, length, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def block(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               allowed: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Attention of the positions x [B, L, H] over keys/values where `allowed`, then the MLP and final norm."""
+        """Attention of the positions x [B, L, H] (queries q) over keys/values where `allowed`, the MLP, the final norm."""
         batch, length, size = x.shape
-        q = self.query(normed).view(batch, length, self.config.n_heads, -1).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
         x = x + self.output(attended.transpose(1, 2).reshape(batch, length, size))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)

@@ -104,10 +104,10 @@ class HeadEngine:
     def _propose(self, k: int, attended: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The proposal (see the module docstring); reads the slots, `count`, `position` and `uniforms`."""
         x, normed = self.head.inputs(self.slot_hidden[None, : k + 1], self._embed(self.slot_tokens[: k + 1]))
-        self._write(normed, self.position + self.offsets[: k + 1])
+        q = self._write(normed, self.position + self.offsets[: k + 1])
         last = self.count - 1
         query_position = self.position + last
-        state = self._block(x.index_select(1, last), normed.index_select(1, last), query_position, attended)
+        state = self._block(x.index_select(1, last), q.index_select(2, last), query_position, attended)
         ids, probs = [], []
         for j in range(k):
             logits = self.lm_head(state.to(self.lm_head.weight.dtype))[0]  # [1, V]
@@ -121,25 +121,26 @@ class HeadEngine:
             if j < k - 1:
                 query_position = query_position + 1
                 x, normed = self.head.inputs(state, self._embed(token))
-                self._write(normed, query_position)
-                state = self._block(x, normed, query_position, attended)
+                state = self._block(x, self._write(normed, query_position), query_position, attended)
         return torch.cat(ids), (torch.cat(probs) if probs[0] is not None else None)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)[None].to(self.dtype)
 
-    def _write(self, normed: torch.Tensor, positions: torch.Tensor) -> None:
-        keys, values = self.head.key_values(normed)
+    def _write(self, normed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache the positions' keys and values; return their queries."""
+        q, keys, values = self.head.heads(normed)
         self.keys.index_copy_(2, positions, keys)
         self.values.index_copy_(2, positions, values)
+        return q
 
-    def _block(self, x: torch.Tensor, normed: torch.Tensor, query_positions: torch.Tensor, attended: int) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, q: torch.Tensor, query_positions: torch.Tensor, attended: int) -> torch.Tensor:
         visible = self.key_positions[None, :attended] <= query_positions[:, None]  # [n, attended]
-        return self.head.block(x, normed, self.keys[:, :, :attended], self.values[:, :, :attended], visible)
+        return self.head.block(x, q, self.keys[:, :, :attended], self.values[:, :, :attended], visible)
 
     def _cache_pairs(self, hidden: torch.Tensor, tokens: list[int]) -> None:
         """Keys/values of committed pairs that no proposal will query (outside the graph)."""
-        x, normed = self.head.inputs(hidden[None].to(self.dtype), self._embed(host_to_device(tokens, self.device)))
+        _, normed = self.head.inputs(hidden[None].to(self.dtype), self._embed(host_to_device(tokens, self.device)))
         self._write(normed, self.position + torch.arange(len(tokens), device=self.device))
         self.length += len(tokens)
         self.position.fill_(self.length)

@@ -6,13 +6,14 @@ a cache of 8192 positions holding 2300 costs what one of 2304 does; the few unfi
 positions inside the bucket are masked. Graphs are captured per (step length, bucket), so
 a graph never reads more than one bucket past the filled length.
 
-**Split-KV attention for short queries.** At batch 1 a decode step has one query per head,
-so a fused kernel that parallelises over (batch, heads, query blocks) runs 32 thread
-blocks on a 132-SM GPU and reads the K/V at a fraction of the bandwidth. `attend` with
-`split=True` computes the scores as one batched matmul, the softmax in fp32 (as
-transformers' eager attention does), and probabilities x values per chunk of `CHUNK` keys
-as one batched matmul over (heads x chunks), summing the chunks' partial outputs in fp32:
-every SM gets work. Long queries (the prefill) use PyTorch's fused SDPA.
+**Attention kernels for steps** (`attend`; the engine picks one for one-token steps and one
+for verifies, by measurement, see BENCHMARKS.md): `fused` is PyTorch's fused SDPA with the
+mask (its memory-efficient kernel); `matmul` computes the scores as one batched matmul, the
+softmax in fp32 (as transformers' eager attention does) and probabilities x values as a
+second batched matmul, letting cuBLAS split the long key dimension; `split` computes
+probabilities x values per chunk of `CHUNK` keys as one matmul batched over (heads x chunks)
+and sums the chunks' partial outputs in fp32, so every SM gets work even at batch 1. All
+three read the cache in place; the prefill uses the fused causal kernel.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ def round_capacity(length: int) -> int:
     return -(-length // BUCKET) * BUCKET
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, split: bool) -> torch.Tensor:
+ATTENTION = ("fused", "matmul", "split")
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, kernel: str) -> torch.Tensor:
     """q [1, Hq, n, d] over keys/values [1, Hkv, L, d] where `visible` [n, L] is True; -> [1, Hq, n, d].
 
     Heads are grouped as transformers' `repeat_kv` groups them (query head h reads kv head h // (Hq / Hkv)).
     """
-    if not split:
+    if kernel == "fused":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
     _, n_heads, n, head_dim = q.shape
     n_kv_heads, length = keys.shape[1], keys.shape[2]
@@ -50,10 +54,12 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: t
     scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [1, Hkv, g*n, L]
     scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
     probs = scores.softmax(-1).to(values.dtype)
-    chunks = length // CHUNK
-    partial = torch.matmul(probs.view(1, n_kv_heads, group * n, chunks, CHUNK).transpose(2, 3),
-                           values.view(1, n_kv_heads, chunks, CHUNK, head_dim))  # [1, Hkv, J, g*n, d]  # fmt: skip
-    return partial.float().sum(2).to(values.dtype).view(1, n_heads, n, head_dim)
+    if kernel == "matmul":
+        return torch.matmul(probs, values).view(1, n_heads, n, head_dim)
+    chunks = length // CHUNK  # one batch per (head, chunk): a copy unless the heads' caches are adjacent
+    partial = torch.matmul(probs.view(n_kv_heads, group * n, chunks, CHUNK).transpose(1, 2),
+                           values[0].unflatten(1, (chunks, CHUNK)))  # [Hkv, J, g*n, d]  # fmt: skip
+    return partial.float().sum(1).to(values.dtype).view(1, n_heads, n, head_dim)
 
 
 class Graphs:

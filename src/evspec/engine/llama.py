@@ -7,13 +7,13 @@ speculation all run this engine, so what is trained on, timed and served is the 
 kernels; transformers' own forward is the oracle the tests hold it equal to in fp32.
 
     engine = LlamaEngine(language_model, lm_head, max_length=2300)
-    out = engine.prefill(prompt_embeds)     # a fresh cache; fused causal attention, eager
+    out = engine.prefill(prompt_embeds)     # a fresh cache; fused causal attention; last logits, all states
     out = engine.step(token_ids)            # 1 or k + 1 tokens after the cache
     engine.rewind(length)                   # rejected drafts: move the write position back
 
 On CUDA each step is a CUDA graph per (step length, length bucket) over layers compiled by
 torch.compile (the default; `compile=False` captures eager kernels), attending only to the
-filled buckets of the cache (`evspec.engine.kernels`). The cache is written by position,
+filled buckets of the cache with the kernels `STEP_ATTENTION` names (`evspec.engine.kernels`). The cache is written by position,
 so rolling back is a pointer move: entries past the position are masked out and
 overwritten by the next step. On CPU the same code runs eagerly.
 """
@@ -26,7 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from evspec.engine.kernels import Graphs, attend, bucket_end, round_capacity
+from evspec.engine.kernels import ATTENTION, Graphs, attend, bucket_end, round_capacity
+
+# the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py
+STEP_ATTENTION = ("fused", "matmul")
 
 
 @dataclass
@@ -50,9 +53,9 @@ class LlamaEngine:
     """Static-cache LLaMA forward over an HF `LlamaModel`'s weights; positions continue from `length`."""
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool | None = None,
-                 split_attention: bool | None = None) -> None:  # fmt: skip
-        """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile, once per step shape;
-        `split_attention` (default: on CUDA) picks split-KV attention for steps (`evspec.engine.kernels.attend`)."""
+                 attention: tuple[str, str] | None = None) -> None:  # fmt: skip
+        """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile;
+        `attention`: the kernels (`evspec.engine.kernels.attend`) of one-token steps and of longer ones."""
         config = language_model.config
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
@@ -64,7 +67,9 @@ class LlamaEngine:
         weight = lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         on_cuda = self.device.type == "cuda"
-        self.split = on_cuda if split_attention is None else split_attention
+        self.attention = attention or (STEP_ATTENTION if on_cuda else ("fused", "fused"))
+        if not set(self.attention) <= set(ATTENTION):
+            raise ValueError(f"attention kernels {self.attention}: each one of {ATTENTION}")
         self.layers = []
         for layer in language_model.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -78,13 +83,15 @@ class LlamaEngine:
                 _fuse([mlp.gate_proj, mlp.up_proj]),
                 mlp.down_proj.weight.detach(),
             ))  # fmt: skip
-        self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps, self.split)
-        self.step_layer = _layer
-        if on_cuda if compile is None else compile:  # the prefill stays eager
+        self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps)
+        self.step_layer = self.prefill_layer = _layer
+        if on_cuda if compile is None else compile:
             # the one-token step compiles for its exact shape; once a second step length or length bucket
-            # appears, torch.compile's automatic dynamic shapes make those sizes symbolic (one more compilation)
+            # appears, torch.compile's automatic dynamic shapes make those sizes symbolic (one more compilation);
+            # the prefill compiles once for any prompt length (fewer kernels: the host keeps ahead of the GPU)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.step_layer = torch.compile(_layer, fullgraph=True)
+            self.prefill_layer = torch.compile(_layer, fullgraph=True, dynamic=True)
         cache_shape = (len(self.layers), 1, self.n_kv_heads, self.capacity, self.head_dim)
         self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -103,27 +110,31 @@ class LlamaEngine:
         """embeds [1, n, H] at positions position..position+n-1, writing their K/V into the cache.
 
         `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
-        empty cache, causal over the n new positions only.
+        empty cache, causal over the n new positions only, with logits for the last position only.
         """
         n = embeds.shape[1]
         positions = self.position + torch.arange(n, device=self.device)  # [n]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, d]
         visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
+        kernel = self.attention[n > 1]
         x = embeds
         for index, weights in enumerate(self.layers):
             x = layer_function(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
-                               attended, self.shape)  # fmt: skip
+                               attended, kernel, self.shape)  # fmt: skip
         hidden = self.norm(x)
         self.position += n
-        return EngineOutput(self.lm_head(hidden), hidden)
+        return EngineOutput(self.lm_head(hidden if attended is not None else hidden[:, -1:]), hidden)
 
     # ---- public steps -----------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor) -> EngineOutput:
-        """A fresh cache holding `embeds` [1, n, H] (the prompt, visual tokens spliced): eager, any length."""
+        """A fresh cache holding `embeds` [1, n, H] (the prompt, visual tokens spliced), any length.
+
+        Logits [1, 1, V] for the last position only (what the first answer token needs); hidden states for all.
+        """
         self.reset()
         self._check_room(embeds.shape[1])
-        out = self._forward(embeds.to(self.dtype), None, _layer)
+        out = self._forward(embeds.to(self.dtype), None, self.prefill_layer)
         self.length = embeds.shape[1]
         return out
 
@@ -181,11 +192,11 @@ class LlamaEngine:
 
 
 def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-           cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor | None, attended: int | None,
+           cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor | None, attended: int | None, kernel: str,
            shape: tuple) -> torch.Tensor:  # fmt: skip
     """One LLaMA decoder layer on x [1, n, H], writing its K/V at `positions` (transformers' arithmetic, fp32 norms)."""
     input_norm, qkv, o, post_norm, gate_up, down = weights
-    n_heads, n_kv_heads, head_dim, eps, split = shape
+    n_heads, n_kv_heads, head_dim, eps = shape
     n = x.shape[1]
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
     q, k, v = F.linear(_rms_norm(x, input_norm, eps), qkv).split([q_size, kv_size, kv_size], dim=-1)
@@ -197,7 +208,7 @@ def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Te
     if attended is None:  # prefill into an empty cache: causal over the new positions, fused kernel
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads)
     else:
-        attention = attend(q, keys[:, :, :attended], values[:, :, :attended], visible, split)
+        attention = attend(q, keys[:, :, :attended], values[:, :, :attended], visible, kernel)
     x = x + F.linear(attention.transpose(1, 2).reshape(1, n, q_size), o)
     gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)

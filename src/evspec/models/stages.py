@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
+from evspec.engine.kernels import Graphs
 from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import n_video_tokens
 from evspec.models.eventgpt import EventGPTForCausalLM
@@ -38,6 +39,8 @@ class LanguageStages(ABC):
         self.language_model = language_model
         self.lm_head = lm_head
         self.placeholder_id = placeholder_id
+        self._graphs = Graphs(lm_head.weight.device)  # of `visual_tokens`, with their static pixel inputs
+        self._pixels: dict[tuple, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -48,8 +51,23 @@ class LanguageStages(ABC):
         return embed_with_visual_tokens(self.language_model.embed_tokens, input_ids, self.placeholder_id, visual_tokens)
 
     def engine(self, max_length: int, **options) -> LlamaEngine:
-        """The fast engine over this model's language weights (options: `compile`, `split_attention`)."""
+        """The fast engine over this model's language weights (options: `compile`, `attention`)."""
         return LlamaEngine(self.language_model, self.lm_head, max_length, **options)
+
+    @torch.no_grad()
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """project(encode_vision(pixels)) for one clip; on CUDA a graph per pixel shape (the towers are launch-bound
+        at batch 1, so replaying one graph frees the host to queue the other model's work: `prefill` overlaps).
+
+        On CUDA the result is the graph's static output: use it before the next call."""
+        if self.device.type != "cuda":
+            return self.project(self.encode_vision(pixel_values))
+        key = (tuple(pixel_values.shape), pixel_values.dtype)
+        if key not in self._pixels:
+            self._pixels[key] = torch.empty_like(pixel_values, device=self.device)
+        pixels = self._pixels[key]
+        pixels.copy_(pixel_values)
+        return self._graphs.run(key, lambda: self.project(self.encode_vision(pixels)), restore=lambda: None)
 
     @torch.no_grad()
     def greedy_with_hidden(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None, max_new_tokens: int,

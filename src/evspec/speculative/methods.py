@@ -153,11 +153,11 @@ class Engines:
     # ---- the pieces methods are made of --------------------------------------------------------
     def target_prefill(self, clip: Clip, visual: torch.Tensor | None = None):
         if visual is None:
-            visual = self.target.project(self.target.encode_vision(clip.frames))
+            visual = self.target.visual_tokens(clip.frames)
         return self.target_engine.prefill(self.target.embed(clip.target_ids, visual))
 
     def draft_prefill(self, clip: Clip):
-        visual = self.draft.project(self.draft.encode_vision(clip.events))
+        visual = self.draft.visual_tokens(clip.events)
         return self.draft_engine.prefill(self.draft.embed(clip.draft_ids, visual))
 
     def token_drafter(self, clip: Clip) -> TokenDrafter:
@@ -168,7 +168,7 @@ class Engines:
         """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
         if self.head_engine is None:
             raise ValueError("the feature method needs a trained draft head")
-        self.head_engine.load_events(self.draft.project(self.draft.encode_vision(clip.events)))
+        self.head_engine.load_events(self.draft.visual_tokens(clip.events))
         return self.head_engine
 
     def speculative(self, prefill, drafter, k: int, max_new_tokens: int) -> Decoded:
@@ -182,7 +182,7 @@ class Engines:
         side = self.side_stream
         if side is not None:
             inputs_ready = torch.cuda.current_stream(self.device).record_event()  # the clip is on the device
-        target_visual = self.target.project(self.target.encode_vision(clip.frames))  # queued on the main stream
+        target_visual = self.target.visual_tokens(clip.frames)  # queued on the main stream
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_event(inputs_ready)
