@@ -84,14 +84,13 @@ class LlamaEngine:
                 mlp.down_proj.weight.detach(),
             ))  # fmt: skip
         self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps)
-        self.step_layer = self.prefill_layer = _layer
+        self.layer = _layer
         if on_cuda if compile is None else compile:
-            # the one-token step compiles for its exact shape; once a second step length or length bucket
-            # appears, torch.compile's automatic dynamic shapes make those sizes symbolic (one more compilation);
-            # the prefill compiles once for any prompt length (fewer kernels: the host keeps ahead of the GPU)
+            # a step or prefill compiles for its exact shape first; once a second length or length bucket
+            # appears, torch.compile's automatic dynamic shapes make just those sizes symbolic (one more
+            # compilation each). The compiled prefill launches few kernels, so the host keeps ahead of the GPU.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.step_layer = torch.compile(_layer, fullgraph=True)
-            self.prefill_layer = torch.compile(_layer, fullgraph=True, dynamic=True)
+            self.layer = torch.compile(_layer, fullgraph=True)
         cache_shape = (len(self.layers), 1, self.n_kv_heads, self.capacity, self.head_dim)
         self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -106,7 +105,7 @@ class LlamaEngine:
         self.step_ids: dict[int, torch.Tensor] = {}  # the graphs' static inputs, one per step length
 
     # ---- the forward ------------------------------------------------------------------------
-    def _forward(self, embeds: torch.Tensor, attended: int | None, layer_function) -> EngineOutput:
+    def _forward(self, embeds: torch.Tensor, attended: int | None) -> EngineOutput:
         """embeds [1, n, H] at positions position..position+n-1, writing their K/V into the cache.
 
         `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
@@ -119,7 +118,7 @@ class LlamaEngine:
         kernel = self.attention[n > 1]
         x = embeds
         for index, weights in enumerate(self.layers):
-            x = layer_function(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
+            x = self.layer(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
                                attended, kernel, self.shape)  # fmt: skip
         hidden = self.norm(x)
         self.position += n
@@ -134,7 +133,7 @@ class LlamaEngine:
         """
         self.reset()
         self._check_room(embeds.shape[1])
-        out = self._forward(embeds.to(self.dtype), None, self.prefill_layer)
+        out = self._forward(embeds.to(self.dtype), None)
         self.length = embeds.shape[1]
         return out
 
@@ -154,7 +153,7 @@ class LlamaEngine:
             ids = self.step_ids[n]
             ids.copy_(token_ids)
         length = self.length
-        out = self.graphs.run((n, attended), lambda: self._forward(self.embed_tokens(ids), attended, self.step_layer),
+        out = self.graphs.run((n, attended), lambda: self._forward(self.embed_tokens(ids), attended),
                               restore=lambda: self.position.fill_(length))  # fmt: skip
         self.length += n
         return out
