@@ -1,7 +1,8 @@
 """One timer for every measurement: a stopwatch for phases of one run, repeats for unit costs.
 
 GPU work is asynchronous, so a time is read only after the devices that did the work
-have finished: `Stopwatch` synchronises them before it starts and before each reading.
+have finished it: `Stopwatch` synchronises their current streams before it starts and
+before each reading (a reading may name the devices whose work it waits for).
 `measure_ms` times repeats of a function after warm-up calls (graph capture, compilation,
 allocator growth excluded): with CUDA events on the current stream when one GPU does the
 work (no host overhead between kernels is hidden or added), else with the stopwatch.
@@ -23,16 +24,17 @@ class Stopwatch:
         self.devices = {torch.device(d) for d in devices if torch.device(d).type == "cuda"}
         self.restart()
 
-    def _sync(self) -> None:
-        for device in self.devices:
-            torch.cuda.synchronize(device)
+    def _sync(self, devices) -> None:
+        for device in devices:  # the current stream's work: a side stream's may go on (`prefill` drafting)
+            torch.cuda.current_stream(device).synchronize()
 
     def restart(self) -> None:
-        self._sync()
+        self._sync(self.devices)
         self.started = time.perf_counter()
 
-    def ms(self) -> float:
-        self._sync()
+    def ms(self, *only: torch.device) -> float:
+        """Milliseconds until the work queued so far on the devices' current streams (`only` these devices) is done."""
+        self._sync(self.devices if not only else {d for d in only if d.type == "cuda"})
         return (time.perf_counter() - self.started) * 1000
 
 

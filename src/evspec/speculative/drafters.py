@@ -70,6 +70,7 @@ class PrefetchedDrafter(TokenDrafter):
         self.prompt_length = prompt_length
         self.guesses, self.guess_probs = guesses, guess_probs  # g0..gk; q1..qk; the cache holds g0..g(k-1)
         self.prefetched = False
+        self.drafted: torch.cuda.Event | None = None  # recorded after the drafts, on the stream that made them
 
     @classmethod
     def draft_ahead(cls, draft: LlamaEngine, prefill_logits: torch.Tensor, k: int, vocabulary: SharedVocabulary,
@@ -84,9 +85,14 @@ class PrefetchedDrafter(TokenDrafter):
             guesses.append(token)
             probs.append(q)
         probs = torch.stack(probs) if probs[0] is not None else None
-        return cls(draft, vocabulary, target_vocab, sampler, prompt_length, torch.stack(guesses), probs)
+        drafter = cls(draft, vocabulary, target_vocab, sampler, prompt_length, torch.stack(guesses), probs)
+        if draft.device.type == "cuda":  # the stream it drafted on (a side stream): whoever reads the drafts waits
+            drafter.drafted = torch.cuda.current_stream(draft.device).record_event()
+        return drafter
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        if self.drafted is not None:  # the first token is out: from here on, the target's stream needs the drafts
+            torch.cuda.current_stream(self.draft.device).wait_event(self.drafted)
         self.prefetched = int(self.guesses[0]) == first_token
         if self.prefetched:
             self.base, self.proposed = self.prompt_length + 1, list(self.guesses[1:])

@@ -13,9 +13,11 @@ the clock starts), each method answers from scratch:
 
 `prefill` overlaps for real: on one GPU the draft's work runs on a side stream that waits
 only for an event recorded once the clip's inputs are on the device (not for the target's
-vision), and nothing on its path reads the device from the host, so the host queues the
+vision), and nothing on its path reads the device from the host (the towers replay CUDA
+graphs, the prefills are compiled, ids cross by pinned copies), so the host queues the
 target's vision, the draft's whole prefill-and-draft and the target's prefill without
-waiting, and the GPU interleaves their kernels. With the draft on its own GPU
+waiting, and the GPU interleaves their kernels. The target's stream waits for the drafts
+only when it first needs them (after its first token). With the draft on its own GPU
 (`draft_device`), the two devices' queues run side by side. On CPU it is sequential (the
 `overlapped` column says which).
 
@@ -189,10 +191,7 @@ class Engines:
             draft_prefill = self.draft_prefill(clip)
             drafter = PrefetchedDrafter.draft_ahead(self.draft_engine, draft_prefill.logits, k, self.vocabulary,
                                                     self.target_vocab, self.draft_sampler)  # fmt: skip
-        prefill = self.target_prefill(clip, target_visual)
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        return prefill, drafter
+        return self.target_prefill(clip, target_visual), drafter  # the drafter makes its reader wait for the drafts
 
     def clock(self) -> Stopwatch:
         return Stopwatch({self.device, self.draft_device})
@@ -250,7 +249,7 @@ def _with_drafter(make_drafter: Callable[[Engines, Clip], object]):
 def _prefill(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
     clock = engines.clock()
     prefill, drafter = engines.overlapped_prefill(clip, k)
-    ttft_ms = clock.ms()
+    ttft_ms = clock.ms(engines.device)  # the target's first token: the draft may still be drafting
     return Timed(engines.speculative(prefill, drafter, k, max_new_tokens), ttft_ms, 0.0, clock.ms())
 
 
