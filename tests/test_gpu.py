@@ -259,3 +259,24 @@ def test_prefill_drafting_overlaps_the_targets_vision_without_host_syncs(tiny_pa
     assert draft_ms < total_ms / 3, f"the draft waited for the target's vision: done at {draft_ms:.0f} of {total_ms:.0f} ms"
     answer = engines.speculative(prefill, drafter, 2, 8).output_ids
     assert answer == engines.run("target", clip, 0).decoded.output_ids
+
+
+@pytest.mark.parametrize("device", ["cuda:0", pytest.param("cuda:1", marks=SECOND_GPU)])
+def test_graphs_on_any_gpu_equal_cpu_steps_and_vision(device):
+    """Engine steps and the vision towers' graphs, captured on the model's own GPU (a second one for a
+    draft on `draft_device`), compute what eager CPU code does: an empty graph would replay nothing."""
+    torch.manual_seed(7)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB)).eval()
+    cpu = VideoLlavaStages(copy.deepcopy(model))
+    gpu = VideoLlavaStages(model.to(device))
+    embeds = torch.randn(1, 40, 32)
+    cpu_engine, _ = _engine(cpu, embeds)
+    engine, _ = _engine(gpu, embeds.to(device))
+    for ids in ([[5]], [[9, 4, 7]], [[3]], [[8]]):
+        ids = torch.tensor(ids)
+        torch.testing.assert_close(engine.step(ids.to(device)).logits.cpu(), cpu_engine.step(ids).logits,
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+    for _ in range(2):  # the second call replays the graph captured by the first
+        pixels = torch.randn(8, 3, 28, 28)
+        torch.testing.assert_close(gpu.visual_tokens(pixels.to(device)).cpu(), cpu.visual_tokens(pixels),
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip

@@ -70,8 +70,11 @@ class Graphs:
     """
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.enabled = device.type == "cuda"
-        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        if self.enabled:
+            with torch.cuda.device(device):
+                self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
 
     def run(self, key: tuple, function: Callable[[], object], restore: Callable[[], None]) -> object:
@@ -82,6 +85,10 @@ class Graphs:
         """
         if not self.enabled:
             return function()
+        with torch.cuda.device(self.device):  # streams and capture on the engine's GPU (the draft may have its own)
+            return self._replay(key, function, restore)
+
+    def _replay(self, key: tuple, function: Callable[[], object], restore: Callable[[], None]) -> object:
         if key not in self.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
