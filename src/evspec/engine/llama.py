@@ -13,9 +13,9 @@ kernels; transformers' own forward is the oracle the tests hold it equal to in f
 
 On CUDA each step is a CUDA graph per (step length, length bucket) over layers compiled by
 torch.compile (the default; `compile=False` captures eager kernels), attending only to the
-filled buckets of the cache with the kernels `STEP_ATTENTION` names (`evspec.engine.kernels`). The cache is written by position,
-so rolling back is a pointer move: entries past the position are masked out and
-overwritten by the next step. On CPU the same code runs eagerly.
+filled buckets of the cache with the kernels `STEP_ATTENTION` names (`evspec.engine.kernels`).
+The cache is written by position, so rolling back is a pointer move: entries past the
+position are masked out and overwritten by the next step. On CPU the same code runs eagerly.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from torch.nn import functional as F
 
 from evspec.engine.kernels import ATTENTION, Graphs, attend, bucket_end, round_capacity
 
-# the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py
+# the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
+# fused SDPA is fastest for one query; for k + 1 queries it costs 1.16-1.19 steps where matmul costs 1.01-1.04)
 STEP_ATTENTION = ("fused", "matmul")
 
 
 @dataclass
 class EngineOutput:
-    logits: torch.Tensor  # [1, n, V]
+    logits: torch.Tensor  # [1, n, V] for a step; [1, 1, V] (the last position) for a prefill
     hidden: torch.Tensor  # [1, n, H] after the final norm: what lm_head reads
 
 
