@@ -52,7 +52,8 @@ def results(tmp_path):
                "device": "NVIDIA H100 80GB HBM3"}
               for model, images, stage, k, ms in [
                   ("video_llava", 8, "host_to_device", 0, 1.8), ("video_llava", 8, "vision", 0, 7.49),
-                  ("video_llava", 8, "projector", 0, 0.16), ("video_llava", 8, "prefill", 0, 67.08),
+                  ("video_llava", 8, "projector", 0, 0.16), ("video_llava", 8, "vision_served", 0, 7.2),
+                  ("video_llava", 8, "prefill", 0, 67.08),
                   ("video_llava", 8, "decode_step", 0, 8.0), ("video_llava", 8, "verify", 4, 10.0),
                   ("video_llava", 8, "draft_head_token", 4, 1.0), ("video_llava", 8, "decode_floor", 0, 4.84),
                   ("eventgpt", 5, "decode_step", 0, 7.9)]]  # fmt: skip
@@ -69,7 +70,7 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
     assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
     assert "median 600, P10 440, P90 760" in text["data"]
-    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 67.08 | 8.00 | 4.840 |" in text["stages"]
+    assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 7.20 | 67.08 | 8.00 | 4.840 |" in text["stages"]
     # projection: E = 1 + .9 + .9*.889 + .9*.889*.875 + .9*.889*.875*.857 = 1 + .9 + .8 + .7 + .6 = 4.00 tokens
     # per cycle of 4 x 1.0 ms (head) + 10.0 ms (verify) at 8.0 ms per step: c = 0.125, v = 1.25, 4.0 / 1.75 = 2.29
     # (the independent formula at alpha = 0.8125 would say 3.44 tokens)

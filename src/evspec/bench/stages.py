@@ -1,7 +1,8 @@
 """`python -m evspec bench-stages`: what each stage of each model costs, through the stage API.
 
 Per model and image count (EventGPT: 1 and 5 event images; Video-LLaVA: 1 and 8 frames):
-vision encoding, projection (EventGPT: projector + feature adaptor + pooling), LLM prefill of
+vision encoding, projection (EventGPT: projector + feature adaptor + pooling), the two as
+serving runs them (`vision_served`: one CUDA graph per pixel shape on GPU), LLM prefill of
 the whole prompt and one decode step on the language engine that serving runs
 (`evspec.engine.llama`), and the step's physical floor (language-model weights + the context's
 K/V over the copy bandwidth measured here); for the target, the verify of k + 1 tokens and
@@ -200,6 +201,7 @@ def _bench_model(name: str, stages: LanguageStages, tokenizer, n_images: int, se
         "host_to_device": timer(lambda: pixels_host.to(device, non_blocking=False)),
         "vision": timer(lambda: stages.encode_vision(pixels)),
         "projector": timer(lambda: stages.project(vision)),
+        "vision_served": timer(lambda: stages.visual_tokens(pixels)),  # both as serving runs them (a graph on CUDA)
         "prefill": timer(lambda: engine.prefill(embeds)),
         "decode_step": timer(decode),
     }
