@@ -34,7 +34,6 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.drafters import PrefetchedDrafter
 from evspec.speculative.methods import Clip, Engines, SpecSettings
-from evspec.timing import Stopwatch
 
 
 def make_clip(pair: ModelPair, draft_device: str, text_tokens: tuple[int, int] = (19, 58)) -> Clip:

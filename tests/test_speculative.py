@@ -16,7 +16,7 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_target
 from evspec.engine.head import HeadEngine
 from evspec.speculative.drafters import TokenDrafter
-from evspec.speculative.sampling import Sampler, SamplingSpec
+from evspec.speculative.sampling import Sampler
 
 EOS = 2
 
