@@ -42,7 +42,6 @@ class Decoded:
     drafted_per_position: list[int] = field(default_factory=list)
     reached_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
-    ttft_ms: float = 0.0
 
 
 class Drafter(Protocol):
