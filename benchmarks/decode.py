@@ -7,16 +7,22 @@ Builds a 7B-shaped Vicuna (Video-LLaVA's language model: 32 layers, hidden 4096,
 in one process, with warm-up (compilation, graph capture) excluded:
 - floor: (weights + the context's K/V) / device-to-device copy bandwidth measured here;
 - this engine's one-token step after a prompt of Video-LLaVA's length, per variant
-  (`--variants`: torch.compile on or off x the attention kernels of one-token steps / of
-  verifies, `evspec.engine.kernels.attend`; the first is the engine's default on CUDA), and
-  its verify of k + 1 tokens for k = 1..16;
+  (`--variants`: torch.compile with the engine's inductor options, torch.compile with
+  inductor's defaults (matrix-vector products by cuBLAS) or none x the attention kernels of
+  one-token steps / of verifies, `evspec.engine.kernels.attend`; the first is the engine's
+  default on CUDA), and its verify of k + 1 tokens for k = 1..16; the step from a host
+  synchronised before it (as a loop reading each token runs it) and from steps queued ahead;
+- the default variant compiled again `--recompiles` times with inductor's caches off: its
+  tuned kernels may differ between compilations, and so may the step;
 - the same step and verifies with the static cache's capacity at 8192 instead of just above
   the context (cost must follow the filled length);
 - transformers' `generate` per token, with its dynamic cache and with its static cache (which
   transformers compiles itself on CUDA), the prompt's prefill subtracted;
 - the cross-modal draft head (EAGLE's size: one decoder layer of the target's width, an event
   adapter, 582 event tokens) on its engine: one drafted token = one proposal of k drafts
-  plus the commit of one token, / k, after answers of 1, 100 and 1000 tokens; c = that / step.
+  plus the commit of one token, / k, after answers of 1, 100 and 1000 tokens, drafting from
+  the whole vocabulary and from a draft vocabulary of `--draft-vocab` tokens; c = that / step;
+- with `--profile`, the default step's and the head's GPU time by kernel class (torch.profiler).
 Medians of `--repeats` (CUDA events). Prints a table, then one JSON line.
 """
 
@@ -24,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,8 +54,10 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * source.element_size() / (median_ms(lambda: target.copy_(source), CUDA, 10) / 1000)
 
 
-def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repeats: int, **options) -> dict:
+def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repeats: int, profile: bool = False,
+                 **options) -> dict:  # fmt: skip
     """One-token step and (k + 1)-token verifies after the prompt, on a fresh engine of `capacity` positions."""
+    torch._dynamo.reset()  # each variant compiles afresh, with its own inductor options
     started = time.perf_counter()
     engine = LlamaEngine(model.model, model.lm_head, capacity, **options)
     out = engine.prefill(model.model.embed_tokens(prompt))
@@ -63,12 +73,20 @@ def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repe
         engine.step(token.expand(1, n))
         engine.rewind(length)
 
+    def queued(steps: int = 20) -> None:  # steps queued without reading their tokens
+        for _ in range(steps):
+            engine.step(token)
+        engine.rewind(length)
+
     for n in (1, *[k + 1 for k in ks]):  # capture every shape before timing any (compilation excluded)
         forward(n)
     setup_s = time.perf_counter() - started
     result = {"step_ms": median_ms(lambda: forward(1), CUDA, repeats),
+              "step_queued_ms": median_ms(queued, CUDA, max(3, repeats // 5)) / 20,
               "verify_ms": {k: median_ms(lambda k=k: forward(k + 1), CUDA, repeats) for k in ks},
               "greedy_ids": ids, "setup_s": setup_s, "capacity": engine.capacity}  # fmt: skip
+    if profile:
+        result["kernels"] = kernel_breakdown(lambda: forward(1))
     del engine
     torch.cuda.empty_cache()
     return result
@@ -86,9 +104,12 @@ def transformers_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, **op
     return (total_ms - prefill_ms) / new_tokens
 
 
-def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int) -> dict[int, float]:
+def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int, draft_vocab: int | None,
+                  profile: bool = False) -> dict:  # fmt: skip
     head = DraftHead(HeadConfig(hidden_size=4096, event_size=4096, n_heads=32, intermediate_size=11008,
-                                adapter_hidden_size=4096)).to("cuda", torch.bfloat16).eval()  # fmt: skip
+                                adapter_hidden_size=4096, draft_vocab_size=draft_vocab)).to("cuda", torch.bfloat16).eval()  # fmt: skip
+    if draft_vocab:  # which rows does not change the cost
+        head.set_draft_vocab(torch.randperm(model.lm_head.out_features)[:draft_vocab])
     n_events = 582
     engine = HeadEngine(head, model.model.embed_tokens, model.lm_head, n_events, max(answer_lengths) + 2 * repeats + 8,
                         k, Sampler())  # fmt: skip
@@ -106,14 +127,55 @@ def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int) -> dic
             engine.commit(tokens[:1], hidden[:1])
 
         costs[length] = median_ms(cycle, CUDA, repeats, warmup=2) / k
+    if profile:
+        costs["kernels per cycle"] = kernel_breakdown(cycle)
     return costs
 
 
+def kernel_breakdown(function, calls: int = 10) -> dict:
+    """GPU time per call by kernel class (torch.profiler, one device), the busiest kernels, and the time between kernels.
+
+    Classes by kernel name: cuBLAS/cutlass matmuls, PyTorch's fused attention, Triton kernels inductor
+    generated (reductions such as norms and decomposed matrix-vector products, pointwise), and the rest.
+    """
+    function()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            function()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        kernels = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    classes: dict[str, float] = {}
+    names: dict[str, list[float]] = {}
+    for kernel in kernels:
+        name = kernel["name"]
+        lowered = name.lower()
+        kind = ("attention" if any(w in lowered for w in ("fmha", "attention", "flash")) else
+                "triton reduction" if lowered.startswith(("triton_red", "triton_per")) else
+                "triton pointwise" if lowered.startswith("triton_poi") else
+                "matmul (cuBLAS/cutlass)" if any(w in lowered for w in ("gemm", "gemv", "cutlass", "xmma", "nvjet")) else
+                "other")  # fmt: skip
+        classes[kind] = classes.get(kind, 0.0) + kernel["dur"] / calls
+        names.setdefault(name[:70], []).append(kernel["dur"])
+    span = (max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)) / calls
+    busiest = sorted(names.items(), key=lambda item: -sum(item[1]))[:8]
+    return {"kernels_per_call": len(kernels) / calls, "busy_us": sum(classes.values()), "span_us": span,
+            "us_by_class": {k: round(v, 1) for k, v in sorted(classes.items(), key=lambda i: -i[1])},
+            "busiest": {n: [len(d) // calls, round(sum(d) / calls, 1)] for n, d in busiest}}  # fmt: skip
+
+
 def engine_options(variant: str) -> dict:
-    """"compiled+fused/matmul" -> compile on, fused attention for one-token steps and matmul for verifies."""
+    """"compiled+fused/matmul" -> compile on (the engine's inductor options; "compiled-cublas": inductor's
+    defaults), fused attention for one-token steps and matmul for verifies."""
     compiled, kernels = variant.split("+")
     step, _, verify = kernels.partition("/")
-    return {"compile": compiled == "compiled", "attention": (step, verify or step)}
+    options = {"compile": compiled != "eager", "attention": (step, verify or step)}
+    if compiled == "compiled-cublas":
+        options["inductor_options"] = {}
+    return options
 
 
 def progress(what: str, result: dict) -> None:
@@ -128,10 +190,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per transformers generate call")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--ks", default=",".join(map(str, range(1, 17))), help="draft lengths whose verify is timed")
-    parser.add_argument("--variants", default="compiled+fused/matmul,compiled+fused,compiled+matmul,compiled+split,eager+fused/matmul",
-                        help="engine variants: compiled|eager (torch.compile'd layers or not; both CUDA graphs) + the "
-                             "attention kernel of one-token steps [/ of verifies] (fused, matmul, split); the first is "
-                             "the default")  # fmt: skip
+    parser.add_argument("--variants", default="compiled+fused/matmul,compiled-cublas+fused/matmul,compiled+matmul,"
+                                               "eager+fused/matmul",
+                        help="engine variants: compiled|compiled-cublas|eager (torch.compile'd layers with the engine's "
+                             "inductor options, with inductor's defaults, or not; all CUDA graphs) + the attention "
+                             "kernel of one-token steps [/ of verifies] (fused, matmul); the first is the default")  # fmt: skip
+    parser.add_argument("--recompiles", type=int, default=2, help="fresh compilations of the default variant")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="the head's draft vocabulary (0: none)")
+    parser.add_argument("--profile", action="store_true", help="GPU time by kernel class of the default step and head")
     parser.add_argument("--large-capacity", type=int, default=8192)
     parser.add_argument("--answer-lengths", default="1,100,1000", help="answer lengths at which the head's c is timed")
     parser.add_argument("--head-k", type=int, default=4)
@@ -150,13 +216,20 @@ def main() -> None:
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * args.prompt * 2
     bandwidth = copy_bandwidth()
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1000
+    progress("floor", {"device": torch.cuda.get_device_name(), "floor_ms": floor_ms, "bandwidth_tb_s": bandwidth / 1e12})
 
     small_capacity = args.prompt + 20 + max(ks)  # what speculate allocates: the prompt, the answer, the drafts
     variants = {}
-    for variant in args.variants.split(","):
-        variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats, **engine_options(variant))
-        progress(variant, variants[variant])
     default = args.variants.split(",")[0]
+    for variant in args.variants.split(","):
+        variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats,
+                                         args.profile and variant == default, **engine_options(variant))  # fmt: skip
+        progress(variant, variants[variant])
+    recompiled = []
+    with torch._inductor.config.patch(force_disable_caches=True):  # tune afresh, as on another machine
+        for _ in range(args.recompiles):
+            recompiled.append(engine_costs(model, prompt, small_capacity, [1], args.repeats, **engine_options(default)))
+            progress(f"{default} recompiled", recompiled[-1])
     large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, **engine_options(default))
     progress(f"{default} at capacity {args.large_capacity}", large)
     step_ms = variants[default]["step_ms"]
@@ -170,13 +243,20 @@ def main() -> None:
         except Exception as error:  # a peer that cannot run on this stack is reported, not hidden
             print(f"transformers static-cache generate failed: {type(error).__name__}: {error}"[:400])
     answer_lengths = [int(n) for n in args.answer_lengths.split(",")]
-    head = head_token_ms(model, answer_lengths, args.head_k, args.repeats)
+    heads = {"whole vocabulary": head_token_ms(model, answer_lengths, args.head_k, args.repeats, None, args.profile)}
+    if args.draft_vocab:
+        heads[f"draft vocabulary of {args.draft_vocab}"] = head_token_ms(model, answer_lengths, args.head_k,
+                                                                         args.repeats, args.draft_vocab, args.profile)  # fmt: skip
+    for name, costs in heads.items():
+        progress(f"head, {name}", costs)
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  weights {weight_bytes / 1e9:.2f} GB  "
           f"KV {kv_bytes / 1e9:.2f} GB  copy bandwidth {bandwidth / 1e12:.2f} TB/s  prompt {args.prompt}")  # fmt: skip
     print(f"{'what':58s} {'ms':>8s} {'x floor':>8s}")
     rows = [("floor (weights + KV) / copy bandwidth", floor_ms)]
     rows += [(f"engine step, {name} (capacity {v['capacity']})", v["step_ms"]) for name, v in variants.items()]
+    rows += [("  the same, 20 steps queued ahead, per step", variants[default]["step_queued_ms"])]
+    rows += [(f"engine step, {default} recompiled ({i + 1})", r["step_ms"]) for i, r in enumerate(recompiled)]
     rows += [(f"engine step, {default} (capacity {large['capacity']})", large["step_ms"])]
     rows += list(peers.items())
     for name, ms in rows:
@@ -187,17 +267,24 @@ def main() -> None:
         print(f"  {name}: " + "  ".join(f"k={k}:{ms:.2f}" for k, ms in v["verify_ms"].items()) + f" ms; set-up {v['setup_s']:.0f} s")
     print(f"capacity {large['capacity']} vs {variants[default]['capacity']}: step {large['step_ms'] / step_ms:.3f}x, "
           + "  ".join(f"k={k}:{large['verify_ms'][k] / variants[default]['verify_ms'][k]:.3f}x" for k in ks))  # fmt: skip
-    print(f"draft head, one token (proposal of {args.head_k} / {args.head_k}): "
-          + "  ".join(f"answer {n}: {ms:.3f} ms, c = {ms / step_ms:.3f}" for n, ms in head.items()))  # fmt: skip
+    for name, costs in heads.items():
+        print(f"draft head, {name}, one token (proposal of {args.head_k} / {args.head_k}): "
+              + "  ".join(f"answer {n}: {costs[n]:.3f} ms, c = {costs[n] / step_ms:.3f}" for n in answer_lengths))  # fmt: skip
+    if args.profile:
+        print("kernels of the default step:", json.dumps(variants[default]["kernels"]))
+        for name, costs in heads.items():
+            print(f"kernels of a head cycle ({name}):", json.dumps(costs["kernels per cycle"]))
     same = len({tuple(v["greedy_ids"]) for v in variants.values()}) == 1
     print(f"variants produce identical greedy ids (bf16, random weights): {same}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "floor_ms": floor_ms, "bandwidth_tb_s": bandwidth / 1e12,
                       "default_variant": default, "step_ms": step_ms, "step_over_floor": step_ms / floor_ms,
-                      "variants": {n: {k: v[k] for k in ("step_ms", "verify_ms", "setup_s", "capacity")}
+                      "variants": {n: {k: v[k] for k in ("step_ms", "step_queued_ms", "verify_ms", "setup_s", "capacity")}
                                    for n, v in variants.items()},
+                      "recompiled_step_ms": [r["step_ms"] for r in recompiled],
                       "large_capacity": {k: large[k] for k in ("step_ms", "verify_ms", "capacity")},
-                      "transformers_ms_per_token": peers, "head_token_ms": head,
-                      "head_c": {n: ms / step_ms for n, ms in head.items()}}))  # fmt: skip
+                      "transformers_ms_per_token": peers,
+                      "head_token_ms": {name: {n: c[n] for n in answer_lengths} for name, c in heads.items()},
+                      "head_c": {name: {n: c[n] / step_ms for n in answer_lengths} for name, c in heads.items()}}))  # fmt: skip
 
 
 if __name__ == "__main__":

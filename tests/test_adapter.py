@@ -18,7 +18,7 @@ from evspec.errors import InputError
 from evspec.features.extract import FeatureSettings
 
 QUICK = AdapterSettings(adapter_steps=20, head_steps=10, unroll_steps=1, batch_size=4, eval_positions=3,
-                        adapter_hidden_size=16, head_intermediate_size=32)  # fmt: skip
+                        adapter_hidden_size=16, head_intermediate_size=32, draft_vocab_size=12)  # fmt: skip
 ROWS = ("identity", "linear", "adapter", "head", "head-text-only")
 
 
@@ -60,6 +60,14 @@ def test_checkpoints_carry_their_config_and_reproduce_the_adapter_row(adapter_di
     with safe_open(adapter_dir / "head.safetensors", "pt") as handle:
         head = DraftHead(HeadConfig(**json.loads(handle.metadata()["config"])))
     head.load_state_dict(load_file(adapter_dir / "head.safetensors"))
+    train = load_clips(tiny_features, tiny_data, tiny_pair_dir / "target", tiny_pair_dir / "draft",
+                       FeatureSettings(**TINY_FEATURES_KW))["train"]  # fmt: skip
+    counts = torch.bincount(torch.cat([c.answer_ids for c in train]))
+    most_frequent = sorted((i for i in range(len(counts)) if counts[i]), key=lambda i: (-counts[i], i))[:12]
+    assert head.draft_vocab.tolist() == sorted(most_frequent)  # the 12 most frequent (fewer if fewer occur)
+    answers = torch.cat([c.answer_ids for c in test])
+    assert json.loads((adapter_dir / "metrics.json").read_text())["rows"]["head"]["draft_vocab_coverage"] == (
+        pytest.approx(torch.isin(answers, head.draft_vocab).float().mean().item()))
 
 
 def test_alignment_metrics_on_known_cases():

@@ -42,7 +42,7 @@ def _prompt(stages, n_text: int = 4, seed: int = 1):
     return torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *text]]), visual
 
 
-@pytest.mark.parametrize("attention", [("fused", "fused"), ("matmul", "split"), ("split", "matmul")])
+@pytest.mark.parametrize("attention", [("fused", "fused"), ("matmul", "matmul"), ("fused", "matmul")])
 @pytest.mark.parametrize("which", ["target", "draft"])
 def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, attention):
     stages = _stages(which)
@@ -84,14 +84,13 @@ def test_attention_reads_the_filled_buckets_only_whatever_the_capacity(kernel):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)  # the same bucket: bit for bit
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "split"])
-def test_attention_kernels_equal_fused_attention_with_grouped_heads(kernel):
+def test_matmul_attention_equals_fused_attention_with_grouped_heads():
     torch.manual_seed(0)
     q = torch.randn(1, 8, 3, 16)
     keys, values = torch.randn(2, 1, 4, 1024, 16)
     visible = torch.arange(512)[None, :] <= torch.tensor([300, 301, 302])[:, None]
     keys, values = keys[:, :, :512], values[:, :, :512]  # a bucket of a larger cache, as steps read it
-    torch.testing.assert_close(attend(q, keys, values, visible, kernel),
+    torch.testing.assert_close(attend(q, keys, values, visible, "matmul"),
                                attend(q, keys, values, visible, "fused"), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
@@ -118,22 +117,32 @@ def test_fusing_keeps_one_copy_of_the_weights():
 HIDDEN, EVENT = 32, 24
 
 
-def _head(use_events: bool = True) -> tuple[DraftHead, torch.nn.Embedding, torch.nn.Linear]:
+DRAFT_VOCAB = torch.tensor([0, 2, 3, 5, 8, 13, 21, 22, 30, 34, 40, 41, 42, 50, 55, 59])  # incl. the first and last
+
+
+def _head(use_events: bool = True, draft_vocab: torch.Tensor | None = None) -> tuple[DraftHead, torch.nn.Embedding, torch.nn.Linear]:
     torch.manual_seed(3)
     head = DraftHead(HeadConfig(hidden_size=HIDDEN, event_size=EVENT, n_heads=4, intermediate_size=48,
-                                adapter_hidden_size=16, use_events=use_events)).eval()  # fmt: skip
+                                adapter_hidden_size=16, use_events=use_events,
+                                draft_vocab_size=None if draft_vocab is None else len(draft_vocab))).eval()  # fmt: skip
     for parameter in head.parameters():  # trained heads are not near-identity: make every weight matter
         torch.nn.init.normal_(parameter, std=0.3)
+    if draft_vocab is not None:
+        head.set_draft_vocab(draft_vocab[torch.randperm(len(draft_vocab))])  # any order in, ascending kept
     return head, torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Linear(HIDDEN, VOCAB, bias=False)
 
 
 def _reference_proposal(head, embed, lm_head, events, hidden, tokens, k, spec, uniforms):
-    """The head's training forward over the whole history, re-run for every draft (no cache)."""
+    """The head's training forward over the whole history, re-run for every draft (no cache); outside a
+    draft vocabulary the logits are -inf (the draft's law is zero there)."""
     prefix = head.event_prefix(None if events is None else events[None])
     ids, probs = [], []
     for j in range(k):
         state = head(hidden[None], embed(tokens)[None], prefix)[0, -1]
         logits = lm_head(state)[None]
+        if head.draft_vocab is not None:
+            outside = torch.ones_like(logits, dtype=torch.bool).index_fill_(1, head.draft_vocab, False)
+            logits = logits.masked_fill(outside, float("-inf"))
         if spec.greedy:
             token, q = logits.argmax(-1), None
         else:
@@ -147,10 +156,11 @@ def _reference_proposal(head, embed, lm_head, events, hidden, tokens, k, spec, u
 
 @pytest.mark.parametrize("spec", [SamplingSpec(), SamplingSpec(temperature=0.8, top_k=20, top_p=0.9)],
                          ids=["greedy", "sampling"])  # fmt: skip
-@pytest.mark.parametrize("use_events", [True, False])
+@pytest.mark.parametrize("use_events, draft_vocab", [(True, None), (False, None), (True, DRAFT_VOCAB)],
+                         ids=["events", "text-only", "draft-vocab"])  # fmt: skip
 @torch.no_grad()
-def test_head_engine_proposals_equal_the_heads_own_forward(spec, use_events):
-    head, embed, lm_head = _head(use_events)
+def test_head_engine_proposals_equal_the_heads_own_forward(spec, use_events, draft_vocab):
+    head, embed, lm_head = _head(use_events, draft_vocab)
     events = torch.randn(7, EVENT)
     generator = torch.Generator().manual_seed(4)
     sampler = Sampler(spec, torch.Generator().manual_seed(5))
@@ -166,6 +176,8 @@ def test_head_engine_proposals_equal_the_heads_own_forward(spec, use_events):
         expected_ids, expected_probs = _reference_proposal(head, embed, lm_head, events if use_events else None,
                                                            hidden, tokens, k, spec, uniforms)  # fmt: skip
         assert ids.tolist() == expected_ids
+        if draft_vocab is not None:
+            assert set(ids.tolist()) <= set(draft_vocab.tolist())
         if not spec.greedy:
             torch.testing.assert_close(probs, torch.cat(expected_probs), rtol=0, atol=1e-5)
         m = int(torch.randint(1, k + 2, (1,), generator=generator))  # the target kept m tokens

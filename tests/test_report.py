@@ -42,7 +42,8 @@ def results(tmp_path):
     (root / "adapter").mkdir()
     row = {"cosine_mean": 0.9839, "cosine_p10": 0.9, "cosine_p50": 0.99, "cosine_p90": 0.999, "cosine_at_least_0.9": 0.98,
            "top1_agreement": 0.808, "accepted_prefix_fraction": 0.33, "n_tokens": 708}  # fmt: skip
-    head = {**row, "acceptance_at_position": [0.985, 0.979], "parameters": 107072, "cost_ratio_parameters": 0.0123}
+    head = {**row, "acceptance_at_position": [0.985, 0.979], "parameters": 107072, "cost_ratio_parameters": 0.0123,
+            "draft_vocab_size": 12, "draft_vocab_coverage": 0.9713}  # fmt: skip
     metrics = {"rows": {"identity": {"skipped": "widths differ"}, "linear": row, "adapter": row, "head": head,
                         "head-text-only": head}, "split": "test", "n_test_clips": 160, "n_train_clips": 551}  # fmt: skip
     (root / "adapter" / "metrics.json").write_text(json.dumps(metrics))
@@ -78,6 +79,7 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]
     assert "| identity | skipped: widths differ |" in text["alignment"]
     assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]
+    assert "draft vocabulary of 12 tokens" in text["alignment"] and "holds\n97.1% of the test" in text["alignment"]
     assert ("| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 2.40-2.60 | 2.61 | 0.141 | 1.18 | 3.41 | 3.21 | 81.2% | 11.50 | 0.00"
             " | 20.00 | 100.0% of clips identical |") in text["speculative"]
     assert "| feature | 4 | 100 | 100, 90, 80, 70 | 90, 80, 70, 60 | 90.0%, 88.9%, 87.5%, 85.7% |" in text["speculative"]

@@ -105,7 +105,11 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
     if kind == "prefetched":
         return PrefetchedDrafter.draft_ahead(draft, draft_prefill.logits, k, pair.vocabulary, TARGET_VOCAB, sampler)
     torch.manual_seed(3)
-    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    draft_vocab = torch.tensor([0, 1, 2, 3, 4, 6]) if kind == "head-draft-vocab" else None  # the others: never proposed
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16,
+                                draft_vocab_size=None if draft_vocab is None else len(draft_vocab)))  # fmt: skip
+    if draft_vocab is not None:
+        head.set_draft_vocab(draft_vocab)
     engine = HeadEngine(head.eval().to(pair.device), pair.target.embed_tokens, pair.target_head, 5, 64, k, sampler)
     engine.load_events(torch.randn(5, 32))
     return engine
@@ -176,6 +180,7 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
     ("token", 2, SamplingSpec(1.5, top_k=4)),
     ("token", 1, SamplingSpec(0.6)),
     ("head", 2, SamplingSpec(2.0, top_p=0.95)),
+    ("head-draft-vocab", 2, SamplingSpec(2.0, top_k=6)),
     ("prefetched", 4, SamplingSpec(0.8, top_p=0.8)),
 ]
 
@@ -210,7 +215,7 @@ def _proposals(kind: str, spec: SamplingSpec, k: int, draws: int):
     return torch.stack(ids), torch.stack(q)
 
 
-@pytest.mark.parametrize("kind", ["token", "head", "prefetched"])
+@pytest.mark.parametrize("kind", ["token", "head", "head-draft-vocab", "prefetched"])
 @pytest.mark.parametrize("spec", [SamplingSpec(0.5), SamplingSpec(1.5, top_p=0.8)], ids=["t0.5", "t1.5-p0.8"])
 def test_each_drafter_returns_the_distribution_its_drafts_were_drawn_from(kind, spec):
     """The acceptance rule is only as right as q: at every draft position the drafted ids must follow the q

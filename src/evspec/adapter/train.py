@@ -50,6 +50,7 @@ class AdapterSettings:
     head_steps: int = 600
     head_heads: int = 4
     head_intermediate_size: int = 256
+    draft_vocab_size: int | None = None  # the head proposes the train answers' most frequent tokens only
     unroll_steps: int = 3  # training passes on the head's own predicted states
     batch_size: int = 32  # adapter: clips' tokens per step; head: clips per step
     learning_rate: float = 1e-3
@@ -110,11 +111,15 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
     checkpoints["adapter"] = (adapter.state_dict(), asdict(adapter.config))
 
     # 2. Draft heads: predict h_t[i + 1] from (h_t[i], a[i]) and the event tokens, then unroll.
+    draft_vocab = None if settings.draft_vocab_size is None else _draft_vocab(train, settings.draft_vocab_size)
     for name, use_events in (("head", True), ("head-text-only", False)):
         config = HeadConfig(hidden_size=train[0].target_hidden.shape[-1], event_size=train[0].event_tokens.shape[-1],
                             n_heads=settings.head_heads, intermediate_size=settings.head_intermediate_size,
-                            use_events=use_events, adapter_hidden_size=settings.adapter_hidden_size)  # fmt: skip
+                            use_events=use_events, adapter_hidden_size=settings.adapter_hidden_size,
+                            draft_vocab_size=None if draft_vocab is None else len(draft_vocab))  # fmt: skip
         head, curves[name] = _train_head(config, train, training_target, settings)
+        if draft_vocab is not None:
+            head.set_draft_vocab(draft_vocab)
         rows[name] = _head_metrics(head, test, target, settings.eval_positions)
         rows[name]["parameters"] = sum(p.numel() for p in head.parameters())
         rows[name]["cost_ratio_parameters"] = rows[name]["parameters"] / target.language_model_parameters
@@ -193,6 +198,14 @@ def _padded(clips: list[ClipFeatures], device: str):
     return hidden.to(device), tokens.to(device), mask.to(device), events.to(device)
 
 
+def _draft_vocab(train: list[ClipFeatures], size: int) -> torch.Tensor:
+    """The `size` most frequent tokens of the target's train answers (fewer if fewer occur), ties by id."""
+    counts = torch.bincount(torch.cat([c.answer_ids for c in train]))
+    seen = counts.nonzero().squeeze(1)
+    order = torch.argsort(-counts[seen], stable=True)  # ids ascending within equal counts
+    return seen[order[:size]].sort().values
+
+
 def _train_head(config: HeadConfig, train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings):
     """Teacher-forced pass, then `unroll_steps` passes reading the head's own previous predictions."""
     torch.manual_seed(settings.seed)
@@ -260,6 +273,10 @@ def _head_metrics(head: DraftHead, test: list[ClipFeatures], target: FrozenTarge
                     accepted[d].append(right)
                 all_right &= right
     metrics = alignment_metrics(predicted, actual, tokens, lm_head)
+    if head.draft_vocab is not None:  # answer tokens the head could propose at all
+        answers = torch.cat([c.answer_ids for c in test])
+        metrics["draft_vocab_size"] = len(head.draft_vocab)
+        metrics["draft_vocab_coverage"] = float(torch.isin(answers, head.draft_vocab).float().mean())
     metrics["accuracy_at_position"] = [float(np.mean(c)) if c else None for c in correct]
     metrics["acceptance_at_position"] = [float(np.mean(a)) if a else None for a in accepted]
     metrics["drafts_at_position"] = [len(c) for c in correct]

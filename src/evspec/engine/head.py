@@ -10,8 +10,10 @@ and value depend on that pair only, so the cache holds, in order:
 proposal (up to k + 1 slots; the slots past the count are written beyond the committed
 length and overwritten later), the block at the last committed pair, then k - 1 single
 positions fed the head's own predicted state and draft token. Each position decodes through
-the target's lm_head; greedy takes the argmax, sampling inverts the warped distribution's
-CDF at uniforms drawn from the drafter's own random stream before the replay. A drafted
+the target's lm_head (only the rows of the head's draft vocabulary, when it has one: the
+draft's law is then zero outside it, which speculative sampling allows); greedy takes the
+argmax, sampling inverts the warped distribution's CDF at uniforms drawn from the
+drafter's own random stream before the replay. A drafted
 token therefore costs one layer plus the lm_head whatever the answer's length: the cache is
 read only up to the filled bucket (`evspec.engine.kernels`).
 
@@ -22,19 +24,26 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from evspec.adapter.modules import DraftHead
-from evspec.engine.kernels import Graphs, bucket_end, host_to_device, round_capacity
+from evspec.engine.kernels import COMPILE_OPTIONS, Graphs, bucket_end, host_to_device, round_capacity
 from evspec.speculative.sampling import Sampler, inverse_cdf
 
 
 class HeadEngine:
     def __init__(self, head: DraftHead, embed_tokens: nn.Embedding, lm_head: nn.Linear, max_events: int,
-                 max_answer: int, max_k: int, sampler: Sampler, compile: bool | None = None) -> None:  # fmt: skip
-        """Room for `max_events` event tokens, answers of `max_answer` tokens and proposals of up to `max_k`."""
-        self.head, self.embed_tokens, self.lm_head, self.sampler = head, embed_tokens, lm_head, sampler
+                 max_answer: int, max_k: int, sampler: Sampler, compile: bool | None = None,
+                 inductor_options: dict | None = None) -> None:  # fmt: skip
+        """Room for `max_events` event tokens, answers of `max_answer` tokens and proposals of up to `max_k`;
+        `compile` (default: on CUDA) with `inductor_options` (default: `COMPILE_OPTIONS`)."""
+        self.head, self.embed_tokens, self.sampler = head, embed_tokens, sampler
         parameter = next(head.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.vocab_size = lm_head.out_features
+        self.draft_vocab = head.draft_vocab  # None: every token
+        # the rows drafting reads: a copy of the draft vocabulary's rows, or the lm_head itself
+        self.draft_lm_head = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab].contiguous()
         size, heads = head.config.hidden_size, head.config.n_heads
         self.capacity = round_capacity(max_events + max_answer + 2 * max_k + 2)
         self.max_k = max_k
@@ -52,7 +61,8 @@ class HeadEngine:
         self.graphs = Graphs(self.device)
         self.body = self._propose
         if self.device.type == "cuda" if compile is None else compile:
-            self.body = torch.compile(self._propose, fullgraph=True, dynamic=False)
+            options = COMPILE_OPTIONS if inductor_options is None else inductor_options
+            self.body = torch.compile(self._propose, fullgraph=True, dynamic=False, options=options)
 
     @torch.no_grad()
     def load_events(self, event_tokens: torch.Tensor | None) -> None:
@@ -110,12 +120,15 @@ class HeadEngine:
         state = self._block(x.index_select(1, last), q.index_select(2, last), query_position, attended)
         ids, probs = [], []
         for j in range(k):
-            logits = self.lm_head(state.to(self.lm_head.weight.dtype))[0]  # [1, V]
+            logits = F.linear(state.to(self.draft_lm_head.dtype), self.draft_lm_head)[0]  # [1, V or draft vocab]
             if self.sampler.greedy:
                 token, q = logits.argmax(-1), None
             else:
                 q = self.sampler.probabilities(logits)
                 token = inverse_cdf(q, self.uniforms[j : j + 1])
+            if self.draft_vocab is not None:  # back to target ids; the law over the whole vocabulary
+                token = self.draft_vocab[token]
+                q = None if q is None else q.new_zeros(1, self.vocab_size).index_copy_(1, self.draft_vocab, q)
             ids.append(token)
             probs.append(q)
             if j < k - 1:

@@ -8,12 +8,11 @@ a graph never reads more than one bucket past the filled length.
 
 **Attention kernels for steps** (`attend`; the engine picks one for one-token steps and one
 for verifies, by measurement, see BENCHMARKS.md): `fused` is PyTorch's fused SDPA with the
-mask (its memory-efficient kernel); `matmul` computes the scores as one batched matmul, the
-softmax in fp32 (as transformers' eager attention does) and probabilities x values as a
-second batched matmul, letting cuBLAS split the long key dimension; `split` computes
-probabilities x values per chunk of `CHUNK` keys as one matmul batched over (heads x chunks)
-and sums the chunks' partial outputs in fp32, so every SM gets work even at batch 1. All
-three read the cache in place; the prefill uses the fused causal kernel.
+mask (cuDNN's on an H100); `matmul` computes the scores as one batched matmul, the softmax
+in fp32 (as transformers' eager attention does) and probabilities x values as a second
+batched matmul, letting cuBLAS split the long key dimension. Both read the cache in place;
+the prefill uses the fused causal kernel. (Split-KV kernels, chunked matmuls and a Triton
+flash-decoding kernel, were measured slower than cuDNN's for one query: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,12 @@ import torch
 from torch.nn import functional as F
 
 BUCKET = 256  # positions: the granularity at which step cost follows the filled length
-CHUNK = 128  # keys per split of the split-KV attention (BUCKET is a multiple)
+
+# inductor options of both engines' compiled code: with coordinate-descent tuning inductor turns each
+# batch-1 matrix-vector product into a Triton reduction fused with the norm or activation before it and
+# tunes its tiles (as gpt-fast does). Tuning is by measurement, so two compilations may pick different
+# tiles: BENCHMARKS.md gives the step of several
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def bucket_end(length: int, capacity: int) -> int:
@@ -37,7 +41,7 @@ def round_capacity(length: int) -> int:
     return -(-length // BUCKET) * BUCKET
 
 
-ATTENTION = ("fused", "matmul", "split")
+ATTENTION = ("fused", "matmul")
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -48,18 +52,13 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: t
     if kernel == "fused":
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
     _, n_heads, n, head_dim = q.shape
-    n_kv_heads, length = keys.shape[1], keys.shape[2]
+    n_kv_heads = keys.shape[1]
     group = n_heads // n_kv_heads
     rows = q.reshape(1, n_kv_heads, group * n, head_dim)  # the queries that read one kv head, stacked
     scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [1, Hkv, g*n, L]
     scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
     probs = scores.softmax(-1).to(values.dtype)
-    if kernel == "matmul":
-        return torch.matmul(probs, values).view(1, n_heads, n, head_dim)
-    chunks = length // CHUNK  # one batch per (head, chunk): a copy unless the heads' caches are adjacent
-    partial = torch.matmul(probs.view(n_kv_heads, group * n, chunks, CHUNK).transpose(1, 2),
-                           values[0].unflatten(1, (chunks, CHUNK)))  # [Hkv, J, g*n, d]  # fmt: skip
-    return partial.float().sum(1).to(values.dtype).view(1, n_heads, n, head_dim)
+    return torch.matmul(probs, values).view(1, n_heads, n, head_dim)
 
 
 class Graphs:

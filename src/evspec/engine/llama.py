@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from evspec.engine.kernels import ATTENTION, Graphs, attend, bucket_end, round_capacity
+from evspec.engine.kernels import ATTENTION, COMPILE_OPTIONS, Graphs, attend, bucket_end, round_capacity
 
 # the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
 # fused SDPA is fastest for one query; for k + 1 queries it costs 1.16-1.19 steps where matmul costs 1.01-1.04)
@@ -54,9 +54,10 @@ class LlamaEngine:
     """Static-cache LLaMA forward over an HF `LlamaModel`'s weights; positions continue from `length`."""
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool | None = None,
-                 attention: tuple[str, str] | None = None) -> None:  # fmt: skip
-        """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile;
-        `attention`: the kernels (`evspec.engine.kernels.attend`) of one-token steps and of longer ones."""
+                 attention: tuple[str, str] | None = None, inductor_options: dict | None = None) -> None:  # fmt: skip
+        """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile, with
+        `inductor_options` (default: `COMPILE_OPTIONS`); `attention`: the kernels
+        (`evspec.engine.kernels.attend`) of one-token steps and of longer ones."""
         config = language_model.config
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
@@ -91,7 +92,8 @@ class LlamaEngine:
             # appears, torch.compile's automatic dynamic shapes make just those sizes symbolic (one more
             # compilation each). The compiled prefill launches few kernels, so the host keeps ahead of the GPU.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.layer = torch.compile(_layer, fullgraph=True)
+            options = COMPILE_OPTIONS if inductor_options is None else inductor_options
+            self.layer = torch.compile(_layer, fullgraph=True, options=options)
         cache_shape = (len(self.layers), 1, self.n_kv_heads, self.capacity, self.head_dim)
         self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -116,7 +118,7 @@ class LlamaEngine:
         positions = self.position + torch.arange(n, device=self.device)  # [n]
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, d]
         visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
-        kernel = self.attention[n > 1]
+        kernel = self.attention[int(n > 1)]
         x = embeds
         for index, weights in enumerate(self.layers):
             x = self.layer(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
