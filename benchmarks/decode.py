@@ -190,12 +190,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per transformers generate call")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--ks", default=",".join(map(str, range(1, 17))), help="draft lengths whose verify is timed")
-    parser.add_argument("--variants", default="compiled+fused/matmul,compiled-cublas+fused/matmul,compiled+matmul,"
-                                               "eager+fused/matmul",
+    parser.add_argument("--variants", default="compiled+fused/matmul,compiled-cublas+fused/matmul,eager+fused/matmul",
                         help="engine variants: compiled|compiled-cublas|eager (torch.compile'd layers with the engine's "
                              "inductor options, with inductor's defaults, or not; all CUDA graphs) + the attention "
                              "kernel of one-token steps [/ of verifies] (fused, matmul); the first is the default")  # fmt: skip
-    parser.add_argument("--recompiles", type=int, default=2, help="fresh compilations of the default variant")
+    parser.add_argument("--recompiles", type=int, default=1, help="fresh compilations of the default variant")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="the head's draft vocabulary (0: none)")
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel class of the default step and head")
     parser.add_argument("--large-capacity", type=int, default=8192)
@@ -225,14 +224,21 @@ def main() -> None:
         variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats,
                                          args.profile and variant == default, **engine_options(variant))  # fmt: skip
         progress(variant, variants[variant])
+    step_ms = variants[default]["step_ms"]
+    answer_lengths = [int(n) for n in args.answer_lengths.split(",")]
+    heads = {"whole vocabulary": head_token_ms(model, answer_lengths, args.head_k, args.repeats, None, args.profile)}
+    if args.draft_vocab:
+        heads[f"draft vocabulary of {args.draft_vocab}"] = head_token_ms(model, answer_lengths, args.head_k,
+                                                                         args.repeats, args.draft_vocab, args.profile)  # fmt: skip
+    for name, costs in heads.items():
+        progress(f"head, {name}", {**costs, "c": {n: costs[n] / step_ms for n in answer_lengths}})
+    large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, **engine_options(default))
+    progress(f"{default} at capacity {args.large_capacity}", large)
     recompiled = []
     with torch._inductor.config.patch(force_disable_caches=True):  # tune afresh, as on another machine
         for _ in range(args.recompiles):
             recompiled.append(engine_costs(model, prompt, small_capacity, [1], args.repeats, **engine_options(default)))
             progress(f"{default} recompiled", recompiled[-1])
-    large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, **engine_options(default))
-    progress(f"{default} at capacity {args.large_capacity}", large)
-    step_ms = variants[default]["step_ms"]
     peers = {}
     if not args.skip_transformers:
         peers["transformers generate, dynamic cache"] = transformers_ms_per_token(model, prompt, args.new_tokens)
@@ -242,13 +248,6 @@ def main() -> None:
             progress("transformers", peers)
         except Exception as error:  # a peer that cannot run on this stack is reported, not hidden
             print(f"transformers static-cache generate failed: {type(error).__name__}: {error}"[:400])
-    answer_lengths = [int(n) for n in args.answer_lengths.split(",")]
-    heads = {"whole vocabulary": head_token_ms(model, answer_lengths, args.head_k, args.repeats, None, args.profile)}
-    if args.draft_vocab:
-        heads[f"draft vocabulary of {args.draft_vocab}"] = head_token_ms(model, answer_lengths, args.head_k,
-                                                                         args.repeats, args.draft_vocab, args.profile)  # fmt: skip
-    for name, costs in heads.items():
-        progress(f"head, {name}", costs)
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  weights {weight_bytes / 1e9:.2f} GB  "
           f"KV {kv_bytes / 1e9:.2f} GB  copy bandwidth {bandwidth / 1e12:.2f} TB/s  prompt {args.prompt}")  # fmt: skip
