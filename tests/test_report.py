@@ -31,8 +31,16 @@ def results(tmp_path):
                "greedy": True, "target_decode_ms_per_token": 6.378,
                "answer_tokens": {"median": 41.0, "p10": 12.0, "p90": 80.0, "total": 170},
                "tau_definition": "new tokens / target forwards",
-               "methods": [_spec_entry("target", 0, 1.0),
-                           _spec_entry("feature", 4, 1.87, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
+               "methods": [_spec_entry("target", 0, 1.0, by_question_type={
+                               "describe": {"n_clips": 2, "speedup_median": 1.0, "speedup_ci95": [1.0, 1.0],
+                                            "target_answer_tokens_median": 52.0},
+                               "shape": {"n_clips": 2, "speedup_median": 1.0, "speedup_ci95": [1.0, 1.0],
+                                         "target_answer_tokens_median": 2.0}}),
+                           _spec_entry("feature", 4, 1.87, by_question_type={
+                               "describe": {"n_clips": 2, "speedup_median": 2.31, "speedup_ci95": [2.1, 2.52],
+                                            "target_answer_tokens_median": 52.0},
+                               "shape": {"n_clips": 2, "speedup_median": 0.91, "speedup_ci95": [0.8, 1.02],
+                                         "target_answer_tokens_median": 2.0}}, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
                                        decode_speedup_ci95=[2.4, 2.6], predicted_decode_speedup=2.61, cost_ratio=0.141,
                                        verify_ratio=1.18, tokens_per_cycle=3.41, cycles=100,
                                        reached_by_position=[100, 90, 80, 70], accepted_by_position=[90, 80, 70, 60],
@@ -84,6 +92,9 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
             " | 20.00 | 100.0% of clips identical |") in text["speculative"]
     assert "| feature | 4 | 100 | 100, 90, 80, 70 | 90, 80, 70, 60 | 90.0%, 88.9%, 87.5%, 85.7% |" in text["speculative"]
     assert "6.378 ms" in text["speculative"]
+    assert "| method | k | describe | shape |" in text["speculative"]
+    assert "| clips / target's median answer tokens | | 2 / 52 | 2 / 2 |" in text["speculative"]
+    assert "| feature | 4 | 2.31x (2.10-2.52) | 0.91x (0.80-1.02) |" in text["speculative"]
     for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import pandas as pd
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
@@ -99,8 +100,14 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
         assert set(rows["k"]) == {0} if method == "hf-generate" else True
     assert sorted(frames["token"]["k"].unique()) == [1, 3]
     assert (frames["hf-assisted"]["status"].str.startswith("not run") | frames["hf-assisted"]["exact_match"]).all()
-    summary = summarize(tmp_path, tmp_path / "summary.json")
+    summary = summarize(tmp_path, tmp_path / "summary.json", tiny_data / "manifest.parquet")
     entries = {(e["method"], e["k"]): e for e in summary["methods"]}
+    types = pd.read_parquet(tiny_data / "manifest.parquet").set_index("sample_id")["question_type"]
+    token = frames["token"][frames["token"]["k"] == 3].set_index("sample_id")
+    ratios = (target["total_ms"] / token["total_ms"]).groupby(types.reindex(target.index)).median()
+    by_type = entries[("token", 3)]["by_question_type"]
+    assert {t: e["speedup_median"] for t, e in by_type.items()} == pytest.approx(ratios.to_dict())
+    assert sum(e["n_clips"] for e in by_type.values()) == 3
     assert entries[("token", 3)]["exact_match_rate"] == 1.0
     assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
     assert entries[("target", 0)]["speedup_median"] == 1.0

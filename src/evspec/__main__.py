@@ -87,7 +87,7 @@ def _speculate(args: argparse.Namespace) -> None:
 def _spec_summary(args: argparse.Namespace) -> None:
     from evspec.speculative.summary import summarize
 
-    summarize(args.spec_dir, args.out)
+    summarize(args.spec_dir, args.out, args.manifest)
 
 
 def _bench_stages(args: argparse.Namespace) -> None:
@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("spec-summary", help="medians, intervals and the cost model over all shards")
     summary.add_argument("--spec-dir", type=Path, required=True, help="speculate's output directory")
     summary.add_argument("--out", type=Path, required=True, help="summary.json to write")
+    summary.add_argument("--manifest", type=Path, help="the data stage's manifest.parquet: speedups per question type")
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")

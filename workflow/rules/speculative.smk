@@ -39,7 +39,8 @@ rule speculate:
 
 rule spec_summary:
     input:
-        expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
+        shards=expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
+        manifest=f"{RESULTS}/data/manifest.parquet",
     output:
         f"{SPEC}/summary.json",
     params:
@@ -48,4 +49,4 @@ rule spec_summary:
     log:
         f"{LOGS}/spec_summary.log",
     shell:
-        "{EVSPEC} spec-summary --spec-dir {params.spec_dir} --out {output} 2> {log}"
+        "{EVSPEC} spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output} 2> {log}"

@@ -13,7 +13,10 @@ conditional per-position acceptance, tokens per cycle, c, v and the cost model a
   tokens per cycle;
 - lossless: greedy, the share of clips whose ids equal the target's and the first
   divergence; sampling, the distribution test of `evspec.speculative.lossless` on the repeated
-  draws (and on EventGPT alone, the negative control).
+  draws (and on EventGPT alone, the negative control);
+- per question type (given the data stage's manifest): the same speedup, median and interval,
+  over that type's clips, and the target's answer length there (answers of different types
+  differ in length, and the length decides what drafting can save).
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
     return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
-def summarize(spec_dir: Path, out_path: Path) -> dict:
+def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None) -> dict:
+    """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional)."""
+    question_types = None
+    if manifest_path is not None:
+        manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type"])
+        question_types = manifest.set_index("sample_id")["question_type"]
     paths = sorted(path for path in spec_dir.glob("*/shard-*.parquet") if path.parent.name != "lossless")
     if not paths:
         raise InputError(spec_dir, "no {method}/shard-*.parquet files: run `python -m evspec speculate` first")
@@ -73,6 +81,8 @@ def summarize(spec_dir: Path, out_path: Path) -> dict:
                      ttft_ms_median=_median(ran["ttft_ms"]), draft_setup_ms_median=_median(ran["draft_setup_ms"]),
                      total_ms_median=float(ran["total_ms"].median()), tau=_tau(ran))  # fmt: skip
         decode_speedup = (_decode_ms_per_token(joined, "_target") / _decode_ms_per_token(joined)).dropna().to_numpy()
+        if question_types is not None:
+            entry["by_question_type"] = _by_question_type(joined, speedup, question_types)
         if method != "target" and len(decode_speedup):
             entry.update(decode_speedup_median=float(np.median(decode_speedup)),
                          decode_speedup_ci95=bootstrap_median_interval(decode_speedup))  # fmt: skip
@@ -87,6 +97,18 @@ def summarize(spec_dir: Path, out_path: Path) -> dict:
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _by_question_type(joined: pd.DataFrame, speedup: np.ndarray, question_types: pd.Series) -> dict:
+    """Per question type: clips, the speedup's median and interval, the target's median answer length."""
+    types = question_types.reindex(joined.index).fillna("unknown").to_numpy()
+    out = {}
+    for question_type in sorted(set(types)):
+        chosen = types == question_type
+        out[question_type] = {"n_clips": int(chosen.sum()), "speedup_median": float(np.median(speedup[chosen])),
+                              "speedup_ci95": bootstrap_median_interval(speedup[chosen]),
+                              "target_answer_tokens_median": float(joined["new_tokens_target"][chosen].median())}  # fmt: skip
+    return out
 
 
 def _acceptance(ran: pd.DataFrame) -> dict:
