@@ -40,6 +40,8 @@ class HeadEngine:
         self.head, self.embed_tokens, self.sampler = head, embed_tokens, sampler
         parameter = next(head.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        if lm_head.bias is not None:
+            raise ValueError("the head engine decodes through a LLaMA lm_head, which has no bias")
         self.vocab_size = lm_head.out_features
         self.draft_vocab = head.draft_vocab  # None: every token
         # the rows drafting reads: a copy of the draft vocabulary's rows, or the lm_head itself
