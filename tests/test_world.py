@@ -98,3 +98,16 @@ def test_sequence_written_twice_is_identical(tmp_path):
     write_sequence(tmp_path / "a", TINY_WORLD, np.random.default_rng([1, 2]))
     write_sequence(tmp_path / "b", TINY_WORLD, np.random.default_rng([1, 2]))
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_describe_answers_place_each_object_at_the_clip_time_with_its_pace_and_the_camera():
+    from evspec.world.scene import MovingObject, Scene, describe
+
+    fast = MovingObject("circle", "red", 8.0, 5.0, 30.0, "right", 40.0)  # crosses 64 px in 1.6 s
+    slow = MovingObject("square", "blue", 5.0, 32.0, 60.0, "up", 5.0)
+    scene = Scene((fast, slow), (0.0, -3.0), 0)
+    early, late = describe(scene, 0.0, 64, 64), describe(scene, 1.2, 64, 64)
+    assert early.startswith("There are two objects. The large red circle is in the middle left of the frame and "
+                            "moves right quickly. The small blue square is in the bottom centre")  # fmt: skip
+    assert "red circle is in the middle right" in late and late.endswith("moves up slowly. The camera drifts up.")
+    assert describe(Scene((slow,), (0.0, 0.0), 0), 0.0, 64, 64).endswith("The camera is still.")

@@ -70,9 +70,11 @@ def build_tensors(
                 frames = np.stack([recording.frame(i, size_hw) for i in clip.frame_indices])
                 # frame_single is the last of the sampled frames (Clip.single_frame_index)
                 tensor_index = writer.append(clip.sample_id, images, frames, frames[-1:])
-                question_type, question, reference = _question(dataset, scene, sequence_number, clip)
+                middle_s = (clip.t_start_us + clip.t_end_us) / 2e6  # what "describe" places the objects at
+                question_type, question, reference = _question(dataset, scene, sequence_number, clip, middle_s,
+                                                               (height, width))  # fmt: skip
                 rows.append(_manifest_row(clip, len(events), question_type, question, reference,
-                                          splits[name], tensor_index, scene))  # fmt: skip
+                                          splits[name], tensor_index, scene, middle_s, (height, width)))  # fmt: skip
         if not rows:
             raise ValueError(f"{root}: every clip was skipped (fewer than {windows.min_events} events per window)")
         handle.attrs["windows"] = to_json(windows)
@@ -94,17 +96,18 @@ def _sensor_size(recording: Recording) -> tuple[int, int]:
         return int(attrs.get("height", 480)), int(attrs.get("width", 640))
 
 
-def _question(dataset: DatasetSettings, scene: Scene | None, sequence_number: int, clip: Clip):
+def _question(dataset: DatasetSettings, scene: Scene | None, sequence_number: int, clip: Clip, t_s: float,
+              size_hw: tuple[int, int]):  # fmt: skip
     """Question types rotate over clips (balanced, deterministic); DSEC cycles its question list."""
     if scene is None:
         question = dataset.questions[(sequence_number + clip.index) % len(dataset.questions)]
         return "open", question, None
     question_type = QUESTION_TYPES[(sequence_number + clip.index) % len(QUESTION_TYPES)]
-    return question_type, QUESTIONS[question_type], answer(scene, question_type)
+    return question_type, QUESTIONS[question_type], answer(scene, question_type, t_s, *size_hw)
 
 
 def _manifest_row(clip: Clip, n_events: int, question_type: str, question: str, reference: str | None,
-                  split: str, tensor_index: int, scene: Scene | None) -> dict:  # fmt: skip
+                  split: str, tensor_index: int, scene: Scene | None, t_s: float, size_hw: tuple[int, int]) -> dict:  # fmt: skip
     largest = scene.objects[0] if scene else None
     return {
         "sample_id": clip.sample_id,
@@ -124,7 +127,7 @@ def _manifest_row(clip: Clip, n_events: int, question_type: str, question: str, 
         "gt_colour": largest.colour if largest else None,
         "gt_direction": largest.direction if largest else None,
         "gt_count": NUMBER_WORDS[len(scene.objects)] if scene else None,
-        "gt_description": answer(scene, "describe") if scene else None,
+        "gt_description": answer(scene, "describe", t_s, *size_hw) if scene else None,
     }
 
 

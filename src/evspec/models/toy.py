@@ -25,7 +25,7 @@ from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.prompts import VICUNA_V1_SYSTEM
 from evspec.models.tokenizer import (TARGET_SPECIALS, build_shared_tokenizer, draft_tokenizer, require_tokens,
                                      target_tokenizer)
-from evspec.world.scene import COLOURS, DIRECTIONS, NUMBER_WORDS, QUESTIONS, SHAPES
+from evspec.world.scene import COLOURS, COLUMNS, DESCRIBE_WORDS, DIRECTIONS, NUMBER_WORDS, QUESTIONS, ROWS, SHAPES
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ModelPair:
 
 def toy_corpus() -> list[str]:
     """Every text the toy pair reads or writes: prompts, questions and the answer wordings."""
-    words = [*SHAPES, *COLOURS, *DIRECTIONS, *NUMBER_WORDS, "a moves and ."]
+    words = [*SHAPES, *COLOURS, *DIRECTIONS, *NUMBER_WORDS, *ROWS, *COLUMNS, DESCRIBE_WORDS]
     return [VICUNA_V1_SYSTEM, "USER: <ev_start> <ev_end> ASSISTANT:", *QUESTIONS.values(), " ".join(words)]
 
 

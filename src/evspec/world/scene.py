@@ -123,8 +123,18 @@ QUESTIONS = {
 }
 
 
-def answer(scene: Scene, question_type: str) -> str:
-    """The ground-truth answer, in the short fixed wording the toy models learn."""
+# "describe" answers: several sentences from the ground truth at the clip's middle time. An object
+# crossing more than this share of the frame's width per second moves "quickly" (the demo's 8-20 px/s
+# on 64 px split at their middle), a camera drift is named by its dominant axis.
+QUICK_FRAME_WIDTHS_PER_S = 0.22
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+DESCRIBE_WORDS = ("There is are object objects The large small is in the of frame and moves quickly slowly "
+                  "camera still drifts .")
+
+
+def answer(scene: Scene, question_type: str, t_s: float = 0.0, height: int = 64, width: int = 64) -> str:
+    """The ground-truth answer, in the fixed wording the toy models learn; `describe` says where the
+    objects are at `t_s` (seconds into the recording) in a frame of height x width pixels."""
     largest = scene.objects[0]
     if question_type == "shape":
         return largest.shape
@@ -135,9 +145,28 @@ def answer(scene: Scene, question_type: str) -> str:
     if question_type == "count":
         return NUMBER_WORDS[len(scene.objects)]
     if question_type == "describe":
-        parts = [f"a {obj.colour} {obj.shape} moves {obj.direction}" for obj in scene.objects]
-        return " and ".join(parts) + "."
+        return describe(scene, t_s, height, width)
     raise ValueError(f"unknown question type {question_type!r}; known: {QUESTION_TYPES}")
+
+
+def describe(scene: Scene, t_s: float, height: int, width: int) -> str:
+    """How many objects; each one's size, colour, shape, place in a 3 x 3 grid, direction and pace; the camera."""
+    n = len(scene.objects)
+    sentences = ["There is one object." if n == 1 else f"There are {NUMBER_WORDS[n]} objects."]
+    for index, obj in enumerate(scene.objects):
+        x, y = obj.centre_at(t_s)
+        row, column = ROWS[min(2, max(0, int(3 * y / height)))], COLUMNS[min(2, max(0, int(3 * x / width)))]
+        pace = "quickly" if obj.speed_px_s > QUICK_FRAME_WIDTHS_PER_S * width else "slowly"
+        size = "large" if index == 0 else "small"
+        sentences.append(f"The {size} {obj.colour} {obj.shape} is in the {row} {column} of the frame and moves "
+                         f"{obj.direction} {pace}.")  # fmt: skip
+    vx, vy = scene.camera_velocity_px_s
+    if vx == 0.0 and vy == 0.0:
+        sentences.append("The camera is still.")
+    else:
+        axis = ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
+        sentences.append(f"The camera drifts {axis}.")
+    return " ".join(sentences)
 
 
 def scene_from_dict(values: dict) -> Scene:
