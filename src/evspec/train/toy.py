@@ -198,16 +198,23 @@ def _train(student: Student, answers: dict, train_rows: np.ndarray, settings: To
 
 @torch.no_grad()
 def _evaluate(student: Student, answers: dict, rows: np.ndarray, device: str, batch_size: int = 64) -> dict:
-    """Exact-match accuracy of the greedy answer, per question type and over all, on `rows`."""
+    """Exact-match accuracy of the greedy answer per question type and over all on `rows`, and per type the
+    token accuracy: the share of answer positions (EOS included) whose argmax after the reference prefix is
+    the reference token (for multi-sentence answers exact match alone says little)."""
     correct: dict[str, list[bool]] = {q: [] for q in QUESTION_TYPES}
+    tokens: dict[str, list[int]] = {q: [0, 0] for q in QUESTION_TYPES}  # right, all
     for q in QUESTION_TYPES:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             ids, mask, labels, pixels = _batch(student, answers, chunk, [[q]] * len(chunk), device)
             predicted = student.forward(ids, mask, pixels).argmax(-1)
             answer_positions = labels != -100
-            correct[q] += ((predicted == labels) | ~answer_positions).all(dim=1).tolist()
+            right = predicted == labels
+            correct[q] += (right | ~answer_positions).all(dim=1).tolist()
+            tokens[q][0] += int((right & answer_positions).sum())
+            tokens[q][1] += int(answer_positions.sum())
     per_type = {q: float(np.mean(flags)) for q, flags in correct.items()}
     frame_answerable = [flag for q in FRAME_ANSWERABLE for flag in correct[q]]
     return {"accuracy": float(np.mean([flag for flags in correct.values() for flag in flags])),
-            "accuracy_frame_answerable": float(np.mean(frame_answerable)), "per_type": per_type}  # fmt: skip
+            "accuracy_frame_answerable": float(np.mean(frame_answerable)), "per_type": per_type,
+            "token_accuracy_per_type": {q: right / max(total, 1) for q, (right, total) in tokens.items()}}  # fmt: skip
