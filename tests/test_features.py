@@ -61,11 +61,14 @@ def test_draft_cache_is_teacher_forced_along_the_targets_answer(caches, tiny_pai
     manifest = pd.read_parquet(tiny_data / "manifest.parquet").head(3)
     stages = EventGPTStages(load_eventgpt(tiny_pair_dir / "draft"))
     tokenizer = load_tokenizer(tiny_pair_dir / "draft_tokenizer")
+    target_tokenizer = load_tokenizer(tiny_pair_dir / "target_tokenizer")
     ids = list(manifest["sample_id"])
     for row, target, draft in zip(manifest.itertuples(), _records(caches[0], ids), _records(caches[1], ids)):
         answer = target["answer_ids"].tolist()
-        vocabulary = stages.lm_head.out_features  # the untrained target emits its own special ids too
-        answer = [i if i < vocabulary else tokenizer.unk_token_id for i in answer]
+        # the untrained target emits its own special ids too: the draft reads an id it does not spell alike as <unk>
+        rows = stages.lm_head.out_features
+        answer = [i if i < rows and tokenizer.convert_ids_to_tokens(i) == target_tokenizer.convert_ids_to_tokens(i)
+                  else tokenizer.unk_token_id for i in answer]  # fmt: skip
         prompt = stages.prompt_ids(tokenizer, row.question)
         forced = torch.cat([prompt, torch.tensor([answer[:-1]])], dim=1)
         embeds = stages.embed(forced, torch.from_numpy(draft["projected"]))
