@@ -77,15 +77,14 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None)
         joined = ran.merge(target[["total_ms", "decode_ms", "new_tokens", "output_ids"]], left_on="sample_id",
                            right_index=True, suffixes=("", "_target")).set_index("sample_id")  # fmt: skip
         speedup = (joined["total_ms_target"] / joined["total_ms"]).to_numpy()
-        entry.update(status="ok", speedup_median=float(np.median(speedup)), speedup_ci95=bootstrap_median_interval(speedup),
+        entry.update(status="ok", **_median_and_interval("speedup", speedup),
                      ttft_ms_median=_median(ran["ttft_ms"]), draft_setup_ms_median=_median(ran["draft_setup_ms"]),
                      total_ms_median=float(ran["total_ms"].median()), tau=_tau(ran))  # fmt: skip
         decode_speedup = (_decode_ms_per_token(joined, "_target") / _decode_ms_per_token(joined)).dropna().to_numpy()
         if question_types is not None:
             entry["by_question_type"] = _by_question_type(joined, speedup, question_types)
         if method != "target" and len(decode_speedup):
-            entry.update(decode_speedup_median=float(np.median(decode_speedup)),
-                         decode_speedup_ci95=bootstrap_median_interval(decode_speedup))  # fmt: skip
+            entry.update(_median_and_interval("decode_speedup", decode_speedup))
         if greedy:
             entry.update(exact_match_rate=float(np.mean([list(a) == list(b) for a, b in
                                                          zip(joined["output_ids"], joined["output_ids_target"])])),
@@ -99,14 +98,18 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None)
     return summary
 
 
+def _median_and_interval(name: str, values: np.ndarray) -> dict:
+    """{name}_median and {name}_ci95: the median and its 95% bootstrap interval."""
+    return {f"{name}_median": float(np.median(values)), f"{name}_ci95": bootstrap_median_interval(values)}
+
+
 def _by_question_type(joined: pd.DataFrame, speedup: np.ndarray, question_types: pd.Series) -> dict:
     """Per question type: clips, the speedup's median and interval, the target's median answer length."""
     types = question_types.reindex(joined.index).fillna("unknown").to_numpy()
     out = {}
     for question_type in sorted(set(types)):
         chosen = types == question_type
-        out[question_type] = {"n_clips": int(chosen.sum()), "speedup_median": float(np.median(speedup[chosen])),
-                              "speedup_ci95": bootstrap_median_interval(speedup[chosen]),
+        out[question_type] = {"n_clips": int(chosen.sum()), **_median_and_interval("speedup", speedup[chosen]),
                               "target_answer_tokens_median": float(joined["new_tokens_target"][chosen].median())}  # fmt: skip
     return out
 

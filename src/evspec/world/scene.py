@@ -132,7 +132,7 @@ DESCRIBE_WORDS = ("There is are object objects The large small is in the of fram
                   "camera still drifts .")
 
 
-def answer(scene: Scene, question_type: str, t_s: float = 0.0, height: int = 64, width: int = 64) -> str:
+def answer(scene: Scene, question_type: str, t_s: float, height: int, width: int) -> str:
     """The ground-truth answer, in the fixed wording the toy models learn; `describe` says where the
     objects are at `t_s` (seconds into the recording) in a frame of height x width pixels."""
     largest = scene.objects[0]
