@@ -7,10 +7,10 @@ Builds a 7B-shaped Vicuna (Video-LLaVA's language model: 32 layers, hidden 4096,
 in one process, with warm-up (compilation, graph capture) excluded:
 - floor: (weights + the context's K/V) / device-to-device copy bandwidth measured here;
 - this engine's one-token step after a prompt of Video-LLaVA's length, per variant
-  (`--variants`: torch.compile with the engine's inductor options, torch.compile with
-  inductor's defaults (matrix-vector products by cuBLAS) or none x the attention kernels of
-  one-token steps / of verifies, `evspec.engine.kernels.attend`; the first is the engine's
-  default on CUDA), and its verify of k + 1 tokens for k = 1..16; the step from a host
+  (`--variants`: the projections by the engine's kernel, `evspec.engine.matvec`, or by
+  inductor's tuned reductions, or by cuBLAS, around layers torch.compile fuses or not, x the
+  attention kernels of one-token steps / of verifies, `evspec.engine.kernels.attend`; the
+  first is the engine's default on CUDA), and its verify of k + 1 tokens for k = 1..16; the step from a host
   synchronised before it (as a loop reading each token runs it) and from steps queued ahead;
 - the default variant compiled again `--recompiles` times with inductor's caches off: its
   tuned kernels may differ between compilations, and so may the step;
@@ -168,11 +168,13 @@ def kernel_breakdown(function, calls: int = 10) -> dict:
 
 
 def engine_options(variant: str) -> dict:
-    """"compiled+fused/matmul" -> compile on (the engine's inductor options; "compiled-cublas": inductor's
-    defaults), fused attention for one-token steps and matmul for verifies."""
+    """"compiled+fused/matmul" -> compile on with the engine's projection kernel (`compiled-inductor`: inductor's
+    tuned reductions instead; `compiled-cublas`: inductor's defaults, cuBLAS), fused attention for one-token
+    steps and matmul for verifies."""
     compiled, kernels = variant.split("+")
     step, _, verify = kernels.partition("/")
-    options = {"compile": compiled != "eager", "attention": (step, verify or step)}
+    options = {"compile": compiled != "eager", "attention": (step, verify or step),
+               "matvec_kernel": compiled in ("compiled", "eager")}  # fmt: skip
     if compiled == "compiled-cublas":
         options["inductor_options"] = {}
     return options
@@ -190,10 +192,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per transformers generate call")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--ks", default=",".join(map(str, range(1, 17))), help="draft lengths whose verify is timed")
-    parser.add_argument("--variants", default="compiled+fused/matmul,compiled-cublas+fused/matmul,eager+fused/matmul",
-                        help="engine variants: compiled|compiled-cublas|eager (torch.compile'd layers with the engine's "
-                             "inductor options, with inductor's defaults, or not; all CUDA graphs) + the attention "
-                             "kernel of one-token steps [/ of verifies] (fused, matmul); the first is the default")  # fmt: skip
+    parser.add_argument("--variants", default="compiled+fused/matmul,compiled-inductor+fused/matmul,"
+                                              "compiled-cublas+fused/matmul,eager+fused/matmul",
+                        help="engine variants: compiled|compiled-inductor|compiled-cublas|eager (torch.compile'd "
+                             "layers with the projection kernel; with inductor's tuned reductions instead; with "
+                             "inductor's defaults (cuBLAS); the kernel without torch.compile; all CUDA graphs) + the "
+                             "attention kernel of one-token steps [/ of verifies] (fused, matmul); the first is the "
+                             "default")  # fmt: skip
     parser.add_argument("--recompiles", type=int, default=1, help="fresh compilations of the default variant")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="the head's draft vocabulary (0: none)")
     parser.add_argument("--profile", action="store_true", help="GPU time by kernel class of the default step and head")

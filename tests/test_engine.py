@@ -84,6 +84,23 @@ def test_attention_reads_the_filled_buckets_only_whatever_the_capacity(kernel):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)  # the same bucket: bit for bit
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_steps_run_the_attention_kernel_chosen_for_their_length(compile):
+    """One-token steps and verifies each run the kernel `attention` names for them (the library's fused op
+    shows in the profile; the matmul kernel does not call it), compiled or not."""
+    stages = _stages("target")
+    ids, visual = _prompt(stages)
+    for attention in (("fused", "matmul"), ("matmul", "fused")):
+        engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + 8, compile=compile,
+                             attention=attention)  # fmt: skip
+        engine.prefill(stages.embed(ids, visual))
+        for n, kernel in ((1, attention[0]), (3, attention[1])):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                engine.step(torch.tensor([[5] * n]))
+            ran_fused = any(event.name == "evspec::fused_attention" for event in profiler.events())
+            assert ran_fused == (kernel == "fused"), (attention, n)
+
+
 def test_matmul_attention_equals_fused_attention_with_grouped_heads():
     torch.manual_seed(0)
     q = torch.randn(1, 8, 3, 16)

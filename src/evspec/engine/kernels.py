@@ -10,7 +10,8 @@ a graph never reads more than one bucket past the filled length.
 for verifies, by measurement, see BENCHMARKS.md): `fused` is PyTorch's fused SDPA with the
 mask (cuDNN's on an H100); `matmul` computes the scores as one batched matmul, the softmax
 in fp32 (as transformers' eager attention does) and probabilities x values as a second
-batched matmul, letting cuBLAS split the long key dimension. Both read the cache in place;
+batched matmul, letting cuBLAS split the long key dimension (inductor compiles it into its own
+kernels; `fused` is an op it does not trace into, so the library kernel runs). Both read the cache in place;
 the prefill uses the fused causal kernel. (Split-KV kernels, chunked matmuls and a Triton
 flash-decoding kernel, were measured slower than cuDNN's for one query: BENCHMARKS.md.)
 """
@@ -25,9 +26,10 @@ from torch.nn import functional as F
 BUCKET = 256  # positions: the granularity at which step cost follows the filled length
 
 # inductor options of both engines' compiled code: with coordinate-descent tuning inductor turns each
-# batch-1 matrix-vector product into a Triton reduction fused with the norm or activation before it and
-# tunes its tiles (as gpt-fast does). Tuning is by measurement, so two compilations may pick different
-# tiles: BENCHMARKS.md gives the step of several
+# batch-1 matrix-vector product it compiles into a Triton reduction fused with the norm or activation
+# before it and tunes its tiles (as gpt-fast does). The head's projections are compiled so; the LLaMA
+# engine's are `evspec.engine.matvec`'s fixed-tile kernel, because tuning by measurement moved a 7B
+# step by up to 0.9 ms between compilations (BENCHMARKS.md)
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
@@ -50,7 +52,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: t
     Heads are grouped as transformers' `repeat_kv` groups them (query head h reads kv head h // (Hq / Hkv)).
     """
     if kernel == "fused":
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
+        return torch.ops.evspec.fused_attention(q, keys, values, visible)
     _, n_heads, n, head_dim = q.shape
     n_kv_heads = keys.shape[1]
     group = n_heads // n_kv_heads
@@ -59,6 +61,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: t
     scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
     probs = scores.softmax(-1).to(values.dtype)
     return torch.matmul(probs, values).view(1, n_heads, n, head_dim)
+
+
+@torch.library.custom_op("evspec::fused_attention", mutates_args=())
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused SDPA (cuDNN's kernel on an H100) as an op torch.compile does not trace into: the
+    library kernel runs whatever inductor's lowering of SDPA would choose, and a profile names it."""
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
+    return out.contiguous()  # the layout the fake below promises
+
+
+@fused_attention.register_fake
+def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 class Graphs:

@@ -13,7 +13,9 @@ kernels; transformers' own forward is the oracle the tests hold it equal to in f
 
 On CUDA each step is a CUDA graph per (step length, length bucket) over layers compiled by
 torch.compile (the default; `compile=False` captures eager kernels), attending only to the
-filled buckets of the cache with the kernels `STEP_ATTENTION` names (`evspec.engine.kernels`).
+filled buckets of the cache with the kernels `STEP_ATTENTION` names (`evspec.engine.kernels`);
+a step's projections (one token or a verify's k + 1) are `evspec.engine.matvec`'s kernel,
+which streams each weight once with the SiLU product and residual adds fused in.
 The cache is written by position, so rolling back is a pointer move: entries past the
 position are masked out and overwritten by the next step. On CPU the same code runs eagerly.
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from evspec.engine import matvec
 from evspec.engine.kernels import ATTENTION, COMPILE_OPTIONS, Graphs, attend, bucket_end, round_capacity
 
 # the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
@@ -54,10 +57,12 @@ class LlamaEngine:
     """Static-cache LLaMA forward over an HF `LlamaModel`'s weights; positions continue from `length`."""
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool | None = None,
-                 attention: tuple[str, str] | None = None, inductor_options: dict | None = None) -> None:  # fmt: skip
+                 attention: tuple[str, str] | None = None, inductor_options: dict | None = None,
+                 matvec_kernel: bool = True) -> None:  # fmt: skip
         """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile, with
         `inductor_options` (default: `COMPILE_OPTIONS`); `attention`: the kernels
-        (`evspec.engine.kernels.attend`) of one-token steps and of longer ones."""
+        (`evspec.engine.kernels.attend`) of one-token steps and of longer ones; `matvec_kernel`: steps'
+        projections by `evspec.engine.matvec` where it applies (CUDA, bf16/fp16), else PyTorch's ops."""
         config = language_model.config
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
@@ -85,7 +90,7 @@ class LlamaEngine:
                 _fuse([mlp.gate_proj, mlp.up_proj]),
                 mlp.down_proj.weight.detach(),
             ))  # fmt: skip
-        self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps)
+        self.shape = (self.n_heads, self.n_kv_heads, self.head_dim, config.rms_norm_eps, matvec_kernel)
         self.layer = _layer
         if on_cuda if compile is None else compile:
             # a step or prefill compiles for its exact shape first; once a second length or length bucket
@@ -198,10 +203,11 @@ def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Te
            shape: tuple) -> torch.Tensor:  # fmt: skip
     """One LLaMA decoder layer on x [1, n, H], writing its K/V at `positions` (transformers' arithmetic, fp32 norms)."""
     input_norm, qkv, o, post_norm, gate_up, down = weights
-    n_heads, n_kv_heads, head_dim, eps = shape
+    n_heads, n_kv_heads, head_dim, eps, matvec_kernel = shape
     n = x.shape[1]
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
-    q, k, v = F.linear(_rms_norm(x, input_norm, eps), qkv).split([q_size, kv_size, kv_size], dim=-1)
+    normed = _rms_norm(x, input_norm, eps)
+    q, k, v = matvec.linear(normed, qkv, kernel=matvec_kernel).split([q_size, kv_size, kv_size], dim=-1)
     q = _rotate(q.view(1, n, n_heads, head_dim).transpose(1, 2), cos, sin)
     k = _rotate(k.view(1, n, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
     v = v.view(1, n, n_kv_heads, head_dim).transpose(1, 2)
@@ -211,9 +217,9 @@ def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Te
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads)
     else:
         attention = attend(q, keys[:, :, :attended], values[:, :, :attended], visible, kernel)
-    x = x + F.linear(attention.transpose(1, 2).reshape(1, n, q_size), o)
-    gate, up = F.linear(_rms_norm(x, post_norm, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down)
+    x = matvec.linear(attention.transpose(1, 2).reshape(1, n, q_size), o, residual=x, kernel=matvec_kernel)
+    gate_and_up = matvec.linear(_rms_norm(x, post_norm, eps), gate_up, kernel=matvec_kernel)
+    return matvec.linear(gate_and_up, down, residual=x, silu_pairs=True, kernel=matvec_kernel)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
