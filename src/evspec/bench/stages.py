@@ -118,11 +118,7 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
 
     measured = {("verify", k): timer(lambda k=k: verify(k + 1)) for k in settings.verify_lengths}
     hidden = stages.lm_head.in_features
-    if head is None:  # EAGLE's size: one full decoder layer of the target's width
-        config = HeadConfig(hidden_size=hidden, event_size=draft_size, n_heads=stages.language_model.config.num_attention_heads,
-                            intermediate_size=stages.language_model.config.intermediate_size, adapter_hidden_size=hidden)  # fmt: skip
-        head = DraftHead(config)
-    head = head.to(device, dtype).eval()
+    head = (head or DraftHead(eagle_head_config(stages.language_model.config, draft_size))).to(device, dtype).eval()
     n_events = 582 if settings.scale == "7b" else 70
     answered = 20  # the head drafts 20 tokens into the answer (its cost is flat in the answer's length)
     head_engine = HeadEngine(head, stages.language_model.embed_tokens, stages.lm_head, n_events,
@@ -138,17 +134,46 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
             head_engine.commit([int(token)], state)
 
         measured[("draft_head_token", k)] = [ms / k for ms in timer(cycle)]
-    return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k)
+    sizes = {"head_parameters": _parameters(head), "target_language_parameters": language_parameters(stages),
+             "eagle_head_share_at_7b": head_share_at_7b()}  # the reference the report sets the ratio beside
+    return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k,
+                 **(sizes if stage == "draft_head_token" else {}))
             for (stage, k), times in measured.items()]  # fmt: skip
 
 
+def eagle_head_config(language_config, event_size: int) -> HeadConfig:
+    """A head of EAGLE's size for a target language model: one full decoder layer of its width."""
+    hidden = language_config.hidden_size
+    return HeadConfig(hidden_size=hidden, event_size=event_size, n_heads=language_config.num_attention_heads,
+                      intermediate_size=language_config.intermediate_size, adapter_hidden_size=hidden)  # fmt: skip
+
+
+def head_share_at_7b() -> float:
+    """An EAGLE-sized head's parameters over Video-LLaVA-7B's language model's (lm_head included), counted
+    on the meta device from the configs: the ratio the miniature's head should have."""
+    with torch.device("meta"):
+        target = VideoLlavaForConditionalGeneration(video_llava_7b_config())
+        head = DraftHead(eagle_head_config(target.config.text_config, eventgpt_7b_config().hidden_size))
+    return _parameters(head) / language_parameters(VideoLlavaStages(target))
+
+
+def language_parameters(stages: LanguageStages) -> int:
+    """The language model's parameters a decode step reads: its layers, norms and lm_head."""
+    return _parameters(stages.language_model) + stages.lm_head.weight.numel()
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def _row(model: str, n_images: int, stage: str, times: list[float], prefill_tokens: int, visual_tokens: int,
-         settings: BenchSettings, device: torch.device, k: int = 0) -> dict:  # fmt: skip
+         settings: BenchSettings, device: torch.device, k: int = 0, **sizes: float) -> dict:  # fmt: skip
+    """One stage's timing; `sizes`: the parameter counts the row's stage is about (the head's rows)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"model": model, "images": n_images, "stage": stage, "k": k, "ms_median": statistics.median(times),
             "ms_p10": _quantile(times, 0.1), "ms_p90": _quantile(times, 0.9), "repeats": len(times),
             "prefill_tokens": prefill_tokens, "visual_tokens": visual_tokens, "scale": settings.scale,
-            "dtype": settings.dtype, "device": device_name}  # fmt: skip
+            "dtype": settings.dtype, "device": device_name, **sizes}  # fmt: skip
 
 
 def _prompt_ids(name: str, stages: LanguageStages, tokenizer, n_visual: int, settings: BenchSettings) -> torch.Tensor:

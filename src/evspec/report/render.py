@@ -113,10 +113,27 @@ def stages_section(results: Path, figures: Path) -> dict | None:
     decode_axis.tick_params(axis="x", labelsize=7)
     decode_axis.legend(fontsize=8)
     _save(figure, figures / "stages.png")
-    verify = stages[stages["stage"] == "verify"][["k", "ms_median"]].to_dict("records")
-    return {"rows": table.to_dict("records"), "verify": verify, "costs": _step_costs(stages), "scale": str(stages["scale"].iloc[0]),
-            "device": str(stages["device"].iloc[0]), "dtype": str(stages["dtype"].iloc[0]),
-            "repeats": int(stages["repeats"].iloc[0])}  # fmt: skip
+    costs = _step_costs(stages)
+    return {"rows": table.to_dict("records"), "costs": costs, "drafting": _drafting_costs(stages, costs),
+            "scale": str(stages["scale"].iloc[0]), "device": str(stages["device"].iloc[0]),
+            "dtype": str(stages["dtype"].iloc[0]), "repeats": int(stages["repeats"].iloc[0])}  # fmt: skip
+
+
+def _drafting_costs(stages: pd.DataFrame, costs: dict) -> dict | None:
+    """The head's size against the target's language model (and an EAGLE head's at 7B), and per k the
+    cycle's unit costs over one target step: c (a head token) and v (a verify of k + 1 tokens)."""
+    step = costs["target_step_ms"]
+    head_rows = stages[stages["stage"] == "draft_head_token"]
+    if step is None or head_rows.empty or "head_parameters" not in head_rows:
+        return None
+    sizes = head_rows.iloc[0]
+    by_k = [{"k": k, "head_ms": costs["head_token_ms"].get(k), "verify_ms": verify_ms, "v": verify_ms / step,
+             "c": costs["head_token_ms"][k] / step if k in costs["head_token_ms"] else None}
+            for k, verify_ms in sorted(costs["verify_ms"].items())]  # fmt: skip
+    return {"target_step_ms": step, "head_parameters": int(sizes["head_parameters"]),
+            "target_language_parameters": int(sizes["target_language_parameters"]),
+            "head_share": sizes["head_parameters"] / sizes["target_language_parameters"],
+            "eagle_head_share_at_7b": float(sizes["eagle_head_share_at_7b"]), "by_k": by_k}  # fmt: skip
 
 
 def alignment_section(results: Path, figures: Path) -> dict | None:
