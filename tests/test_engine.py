@@ -71,6 +71,65 @@ def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(whic
     assert engine.length == len(sequence)
 
 
+def _path(parents: list[int], node: int) -> list[int]:
+    """The tree's token indices from the root down to `node`."""
+    path = []
+    while node >= 0:
+        path.insert(0, node)
+        node = parents[node]
+    return path
+
+
+@pytest.mark.parametrize("attention", [("fused", "fused"), ("matmul", "matmul")])
+def test_tree_step_gives_each_token_its_paths_logits_and_keep_commits_the_path(attention):
+    """Every token of a tree verified in one forward has the logits transformers gives the chain cache + its
+    path; after `keep`, the cache is the chain cache + the kept path, across a second tree and a bucket edge."""
+    stages = _stages("target")
+    ids, visual = _prompt(stages)
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + BUCKET + 40, attention=attention)
+    engine.prefill(stages.embed(ids, visual))
+    sequence = ids[0].tolist()
+    generator = torch.Generator().manual_seed(4)
+    trees = [[-1, 0, 0, 1, 1, 2, 3, 3, -1, 8], [-1, -1, 0, 1, 2, 2, 4, 6, 3]]
+    filler = torch.randint(3, VOCAB, (1, BUCKET - ids.shape[1] - 4), generator=generator)
+    engine.step(filler)  # the first tree then crosses a length bucket's edge
+    sequence += filler[0].tolist()
+    for parents in trees:
+        tokens = torch.randint(3, VOCAB, (1, len(parents)), generator=generator)
+        out = engine.step_tree(tokens, parents)
+        for node in range(len(parents)):
+            path = [int(tokens[0, i]) for i in _path(parents, node)]
+            logits, hidden = _oracle(stages, stages.embed(torch.tensor([sequence + path]), visual))
+            torch.testing.assert_close(out.logits[0, node], logits[0, -1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(out.hidden[0, node], hidden[0, -1], rtol=0, atol=1e-5)
+        kept = _path(parents, len(parents) - 2)  # a path that skips siblings
+        engine.keep(kept)
+        sequence += [int(tokens[0, i]) for i in kept]
+        assert engine.length == len(sequence)
+        after = engine.step(torch.tensor([[7]]))
+        logits, _ = _oracle(stages, stages.embed(torch.tensor([sequence + [7]]), visual))
+        torch.testing.assert_close(after.logits[0, -1], logits[0, -1], rtol=0, atol=1e-5)
+        sequence.append(7)
+
+
+def test_tree_step_refuses_parents_that_are_not_a_tree():
+    stages = _stages("target")
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=64)
+    engine.prefill(torch.randn(1, 5, stages.lm_head.in_features))
+    with pytest.raises(ValueError, match="parents"):
+        engine.step_tree(torch.tensor([[4, 5, 6]]), [-1, 2, 0])  # a child before its parent
+    with pytest.raises(ValueError, match="follows a tree step"):
+        engine.keep([0])  # no tree was stepped
+    engine.step_tree(torch.tensor([[4, 5, 6, 7]]), [-1, 0, 0, -1])
+    with pytest.raises(ValueError, match="not a path"):
+        engine.keep([0, 1, 2])  # siblings
+    with pytest.raises(ValueError, match="not a path"):
+        engine.keep([1])  # not from a root
+    engine.keep([0, 2])
+    with pytest.raises(ValueError, match="follows a tree step"):
+        engine.keep([0])  # kept already
+
+
 @pytest.mark.parametrize("kernel", ATTENTION)
 def test_attention_reads_the_filled_buckets_only_whatever_the_capacity(kernel):
     stages = _stages("target")

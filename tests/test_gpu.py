@@ -282,6 +282,29 @@ def test_graphs_on_any_gpu_equal_cpu_steps_and_vision(device):
                                    atol=1e-4, rtol=1e-4)  # fmt: skip
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_tree_steps_on_graphs_equal_cpu_tree_steps(compile):
+    """Tree verifies replayed as graphs (the tree's shape is a static input, so one graph serves every tree of
+    n tokens) and `keep` give the CPU engine's logits."""
+    torch.manual_seed(3)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(VOCAB + 2, VOCAB + 1, VOCAB)).eval()
+    cpu = VideoLlavaStages(copy.deepcopy(model))
+    gpu = VideoLlavaStages(model.cuda())
+    embeds = torch.randn(1, 40, 32)
+    cpu_engine, _ = _engine(cpu, embeds)
+    engine = LlamaEngine(gpu.language_model, gpu.lm_head, 512, compile=compile)
+    engine.prefill(embeds.cuda())
+    for parents, path in (([-1, 0, 0, 1, 2], [0, 2, 4]), ([-1, -1, 0, 2, 1], [1, 4]), ([-1, 0, 1, 2, 3], [0, 1])):
+        ids = torch.randint(3, VOCAB, (1, 5))  # three trees of 5 tokens: one graph
+        want, got = cpu_engine.step_tree(ids, parents).logits, engine.step_tree(ids.cuda(), parents).logits.cpu()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        cpu_engine.keep(path)
+        engine.keep(path)
+    torch.testing.assert_close(engine.step(torch.tensor([[6]], device="cuda")).logits.cpu(),
+                               cpu_engine.step(torch.tensor([[6]])).logits, atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert sum(key[0] == "tree" for key in engine.graphs.graphs) == 1
+
+
 # ---- the projection kernel ---------------------------------------------------------------------------------
 
 

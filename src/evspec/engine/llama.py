@@ -10,6 +10,8 @@ kernels; transformers' own forward is the oracle the tests hold it equal to in f
     out = engine.prefill(prompt_embeds)     # a fresh cache; fused causal attention; last logits, all states
     out = engine.step(token_ids)            # 1 or k + 1 tokens after the cache
     engine.rewind(length)                   # rejected drafts: move the write position back
+    out = engine.step_tree(token_ids, parents)  # a tree of drafts verified in one forward
+    engine.keep(path)                       # its accepted path's K/V moved into place
 
 On CUDA each step is a CUDA graph per (step length, length bucket) over layers compiled by
 torch.compile (the default; `compile=False` captures eager kernels), attending only to the
@@ -29,7 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from evspec.engine import matvec
-from evspec.engine.kernels import ATTENTION, COMPILE_OPTIONS, Graphs, attend, bucket_end, round_capacity
+from evspec.engine.kernels import (ATTENTION, COMPILE_OPTIONS, Graphs, attend, bucket_end, host_to_device,
+                                   round_capacity)
 
 # the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
 # fused SDPA is fastest for one query; for k + 1 queries it costs 1.16-1.19 steps where matmul costs 1.01-1.04)
@@ -109,20 +112,32 @@ class LlamaEngine:
         self.key_positions = positions
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # next write position (device)
         self.length = 0  # the same, on the host
+        self.tree: tuple[int, list[int]] | None = None  # the last step_tree's (cache length before it, parents)
         self.graphs = Graphs(self.device)
-        self.step_ids: dict[int, torch.Tensor] = {}  # the graphs' static inputs, one per step length
+        self.step_ids: dict = {}  # the graphs' static inputs: per step length n, and per ("tree", n)
 
     # ---- the forward ------------------------------------------------------------------------
-    def _forward(self, embeds: torch.Tensor, attended: int | None) -> EngineOutput:
-        """embeds [1, n, H] at positions position..position+n-1, writing their K/V into the cache.
+    def _forward(self, embeds: torch.Tensor, attended: int | None,
+                 tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> EngineOutput:  # fmt: skip
+        """embeds [1, n, H] written into cache slots position..position+n-1 (their K/V).
 
         `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
         empty cache, causal over the n new positions only, with logits for the last position only.
+        `tree` (depths [n], ancestors [n, n] bool): the n tokens are a tree, not a chain; token i sits at
+        position `position + depths[i]` and reads the cache before `position` and its ancestors (itself included).
         """
         n = embeds.shape[1]
-        positions = self.position + torch.arange(n, device=self.device)  # [n]
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, d]
-        visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
+        positions = self.position + torch.arange(n, device=self.device)  # [n] cache slots
+        if tree is None:
+            rotary = positions
+            visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
+        else:
+            depths, ancestors = tree
+            rotary = self.position + depths
+            offset = self.key_positions[:attended] - self.position  # key slot relative to the tree's first
+            in_tree = (offset >= 0) & (offset < n)
+            visible = (offset < 0)[None, :] | (ancestors[:, offset.clamp(0, n - 1)] & in_tree[None, :])
+        cos, sin = self.cos[rotary][None, None], self.sin[rotary][None, None]  # [1, 1, n, d]
         kernel = self.attention[int(n > 1)]
         x = embeds
         for index, weights in enumerate(self.layers):
@@ -164,13 +179,67 @@ class LlamaEngine:
         out = self.graphs.run((n, attended), lambda: self._forward(self.embed_tokens(ids), attended),
                               restore=lambda: self.position.fill_(length))  # fmt: skip
         self.length += n
+        self.tree = None
         return out
+
+    @torch.no_grad()
+    def step_tree(self, token_ids: torch.Tensor, parents: list[int]) -> EngineOutput:
+        """A tree of tokens [1, n] after the cache, verified in one forward (EAGLE's tree attention).
+
+        `parents[i]` is the index of token i's parent in the tree (-1: the last committed token); parents
+        come before their children. Token i reads the cache and its ancestors and sits at the position
+        after its parent, so its logits are those of the chain cache + path to i. K/V go to the next n
+        slots; `keep` moves the accepted path into place. A replayed graph per (n, bucket) on CUDA.
+        """
+        n = token_ids.shape[1]
+        if len(parents) != n or any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise ValueError(f"parents {parents}: one per token, each -1 or an earlier token's index")
+        self._check_room(n)
+        depths, ancestors = [0] * n, torch.zeros(n, n, dtype=torch.bool)
+        for i, parent in enumerate(parents):
+            depths[i] = 0 if parent < 0 else depths[parent] + 1
+            if parent >= 0:
+                ancestors[i] = ancestors[parent]
+            ancestors[i, i] = True
+        attended = bucket_end(self.length + n, self.capacity)
+        inputs = (token_ids, host_to_device(depths, self.device), host_to_device(ancestors, self.device))
+        if self.graphs.enabled:
+            key = ("tree", n)
+            if key not in self.step_ids:
+                self.step_ids[key] = tuple(torch.zeros_like(t, device=self.device) for t in inputs)
+            for static, value in zip(self.step_ids[key], inputs):
+                static.copy_(value)
+            inputs = self.step_ids[key]
+        ids, depth_ids, ancestor_mask = inputs
+        length = self.length
+        out = self.graphs.run(("tree", n, attended),
+                              lambda: self._forward(self.embed_tokens(ids), attended, (depth_ids, ancestor_mask)),
+                              restore=lambda: self.position.fill_(length))  # fmt: skip
+        self.length += n
+        self.tree = (length, list(parents))
+        return out
+
+    def keep(self, nodes: list[int]) -> None:
+        """After `step_tree`: the accepted path (token indices of the tree, from a root down) moved to the
+        slots after the cache in every layer, the rest of the tree forgotten. Nothing is recomputed."""
+        if self.tree is None or self.length != self.tree[0] + len(self.tree[1]):
+            raise ValueError("keep follows a tree step, with no other step or rewind between")
+        base, parents = self.tree
+        if not nodes or any(not 0 <= node < len(parents) for node in nodes) or \
+                [parents[node] for node in nodes] != [-1, *nodes[:-1]]:  # fmt: skip
+            raise ValueError(f"nodes {nodes}: not a path from a root of the tree {parents}")
+        source = base + torch.tensor(nodes, device=self.device)
+        target = base + torch.arange(len(nodes), device=self.device)
+        for cache in (self.keys, self.values):  # [layers, 1, heads, capacity, head_dim]
+            cache.index_copy_(3, target, cache.index_select(3, source))
+        self.rewind(base + len(nodes))
 
     def rewind(self, length: int) -> None:
         """Forget positions >= length (rejected draft tokens): a pointer move, nothing is copied."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
         self.length = length
+        self.tree = None
         self.position.fill_(length)
 
     def reset(self) -> None:
