@@ -14,10 +14,10 @@ from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
-from evspec.speculative.decode import decode_speculative, decode_target
+from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
 from evspec.speculative.drafters import TokenDrafter
-from evspec.speculative.sampling import Sampler
+from evspec.speculative.sampling import Sampler, SamplingSpec
 
 EOS = 2
 
@@ -75,6 +75,66 @@ def test_greedy_speculative_equals_target(seed):
             assert result.accepted <= result.drafted
             if name == "self":
                 assert result.accepted == result.drafted  # exercises the all-accepted path
+
+
+class ScriptedTree:
+    """A tree drafter that knows the target's answer: per cycle, 1-3 branches of random depth under the last
+    committed token; one of them (when `hit` comes up) follows the answer for a while, then goes wrong."""
+
+    def __init__(self, answer: list[int], vocab: int, hit: float, seed: int) -> None:
+        self.answer, self.vocab, self.hit = answer, vocab, hit
+        self.random = torch.Generator().manual_seed(seed)
+        self.committed = 0
+        self.trees: list[tuple[list[int], list[int]]] = []
+
+    def _draw(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.random))
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        self.committed = 1
+
+    def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
+        ids, parents = [], []
+        for branch in range(1 + self._draw(3)):
+            true = branch == 0 and self._draw(100) < 100 * self.hit
+            parent = -1
+            for depth in range(1 + self._draw(4)):
+                position = self.committed + depth
+                right = true and position < len(self.answer) and self._draw(4) > 0
+                token = self.answer[position] if right else 3 + self._draw(self.vocab - 3)
+                ids.append(token)
+                parents.append(parent)
+                parent = len(ids) - 1
+                true = right
+        self.trees.append((ids, parents))
+        return torch.tensor(ids), parents
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        assert hidden.shape[0] == len(tokens)
+        self.committed += len(tokens)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_tree_verification_equals_target(seed):
+    """Any tree, right or wrong anywhere, yields the target's own greedy answer; right branches are kept."""
+    vocab = 60
+    target, _ = _models(vocab, seed)
+    prompt = torch.randint(3, vocab, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+    engine, prefill, ids, visual = _prefilled(target, 8, prompt, 400, seed)
+    reference = target.greedy_with_hidden(ids, visual, max_new_tokens=24, eos_token_id=EOS)[0]
+    for hit in (0.0, 0.7, 1.0):
+        engine.rewind(ids.shape[1])
+        drafter = ScriptedTree(reference, vocab, hit, seed)
+        result = decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler())
+        assert result.output_ids == reference, hit
+        assert result.accepted <= result.drafted and result.target_forwards == len(drafter.trees)
+        assert sum(result.accepted_per_position) == result.accepted
+        assert all(a <= r <= d for a, r, d in zip(result.accepted_per_position, result.reached_per_position,
+                                                  result.drafted_per_position))  # fmt: skip
+        if hit == 1.0 and len(reference) > 4:
+            assert result.accepted > 0 and result.target_forwards < len(reference)
+    with pytest.raises(ValueError, match="greedy only"):
+        decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler(SamplingSpec(temperature=0.9)))
 
 
 def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, tiny_data, tmp_path):

@@ -10,6 +10,11 @@ One cycle (gpt-fast style):
     4. the target's cache is rewound past the rejected drafts (a pointer move).
 The only host synchronisation per cycle is reading the number accepted.
 
+Trees (EAGLE-2): a `TreeDrafter` proposes a tree instead of a chain; the target verifies all its
+drafts in one forward with tree attention (`LlamaEngine.step_tree`), keeps the longest path its
+argmax agrees with plus its own next token, and moves that path's K/V into place (`keep`).
+Greedy only so far; no pipeline method drafts trees yet (issue 14).
+
 Vocabularies: the draft proposes only ids both models share (`SharedVocabulary`: its
 logits are masked to them before the sampling spec applies); the target's distribution is
 never masked, so ids only the target has stay reachable through the residual and the bonus.
@@ -54,6 +59,19 @@ class Drafter(Protocol):
 
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
         """The target kept `tokens` (accepted drafts + the bonus); `hidden` [n, H] are the states behind them."""
+
+
+class TreeDrafter(Protocol):
+    """Proposes a tree of drafts after the committed tokens (EAGLE-2's draft tree); told what was committed."""
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None: ...
+
+    def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
+        """Draft ids [n] and each one's parent: -1 for a child of the last committed token, else the index of
+        an earlier draft (parents before children)."""
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        """The target kept `tokens` (the accepted path + its own next token); `hidden` [n, H] behind them."""
 
 
 def _finish(tokens: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
@@ -110,6 +128,51 @@ def decode_speculative(target: LlamaEngine, prefill: EngineOutput, drafter: Draf
             result.drafted_per_position[position] += 1
             result.reached_per_position[position] += int(position <= n_accepted)
             result.accepted_per_position[position] += int(position < n_accepted)
+    result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
+    return result
+
+
+def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter: TreeDrafter, max_new_tokens: int,
+                            eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
+    """Greedy tree verification: the target runs [last] + the draft tree in one forward (`step_tree`), keeps
+    the longest path of drafts each equal to its argmax after the parent, then its own token after the
+    path; the cache keeps the path (`keep`). Per-position counts are per tree depth: depth d was reached
+    when the path got to depth d - 1 and the tree has a draft below it there.
+    """
+    if not sampler.greedy:
+        raise ValueError("tree verification is greedy only: sampling needs recursive rejection over siblings")
+    tokens = [int(sampler.pick(prefill.logits[:, -1]))]
+    result = Decoded(tokens)
+    drafter.start(tokens[0], prefill.hidden[0, -1])
+    while not _done(tokens, max_new_tokens, eos_token_id):
+        draft_ids, parents = drafter.propose_tree()
+        verify_ids = torch.cat([host_to_device([tokens[-1]], target.device), draft_ids.to(target.device)])
+        nodes = [-1, *[parent + 1 for parent in parents]]  # node 0 is `last`, node j + 1 is draft j
+        out = target.step_tree(verify_ids[None], nodes)
+        ids, choices = torch.stack([verify_ids, out.logits[0].argmax(-1)]).tolist()  # the one host sync of the cycle
+        depths = [0] * len(nodes)
+        for node in range(1, len(nodes)):
+            depths[node] = depths[nodes[node]] + 1
+        path = [0]
+        while (child := next((c for c in range(1, len(nodes)) if nodes[c] == path[-1] and ids[c] == choices[path[-1]]),
+                             None)) is not None:  # fmt: skip
+            path.append(child)
+        kept = [ids[node] for node in path[1:]] + [choices[path[-1]]]
+        hidden = out.hidden[0, path].clone()  # the states whose argmax chose the kept tokens
+        target.keep(path)
+        inside = min(max(depths), len(_finish(kept, max_new_tokens - len(tokens), eos_token_id)))
+        tokens += kept
+        drafter.commit(kept, hidden)
+        result.target_forwards += 1
+        result.drafted += sum(1 <= depth <= inside for depth in depths)
+        result.accepted += min(len(path) - 1, inside)
+        for lists in (result.drafted_per_position, result.reached_per_position, result.accepted_per_position):
+            lists.extend([0] * (inside - len(lists)))
+        for depth in range(1, inside + 1):
+            below = depth - 1 < len(path) and any(nodes[c] == path[depth - 1] for c in range(1, len(nodes)))
+            result.drafted_per_position[depth - 1] += 1
+            result.reached_per_position[depth - 1] += int(below)
+            result.accepted_per_position[depth - 1] += int(depth < len(path))
     result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
     return result
 
