@@ -150,13 +150,13 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
         nodes = [-1, *[parent + 1 for parent in parents]]  # node 0 is `last`, node j + 1 is draft j
         out = target.step_tree(verify_ids[None], nodes)
         ids, choices = torch.stack([verify_ids, out.logits[0].argmax(-1)]).tolist()  # the one host sync of the cycle
-        depths = [0] * len(nodes)
+        depths, children = [0] * len(nodes), {node: [] for node in range(len(nodes))}
         for node in range(1, len(nodes)):
             depths[node] = depths[nodes[node]] + 1
-        path = [0]
-        while (child := next((c for c in range(1, len(nodes)) if nodes[c] == path[-1] and ids[c] == choices[path[-1]]),
-                             None)) is not None:  # fmt: skip
-            path.append(child)
+            children[nodes[node]].append(node)
+        path = [0]  # walk down while a child is the target's argmax after its parent
+        while agreeing := [child for child in children[path[-1]] if ids[child] == choices[path[-1]]]:
+            path.append(agreeing[0])
         kept = [ids[node] for node in path[1:]] + [choices[path[-1]]]
         hidden = out.hidden[0, path].clone()  # the states whose argmax chose the kept tokens
         target.keep(path)
@@ -169,7 +169,7 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
         for lists in (result.drafted_per_position, result.reached_per_position, result.accepted_per_position):
             lists.extend([0] * (inside - len(lists)))
         for depth in range(1, inside + 1):
-            below = depth - 1 < len(path) and any(nodes[c] == path[depth - 1] for c in range(1, len(nodes)))
+            below = depth - 1 < len(path) and bool(children[path[depth - 1]])
             result.drafted_per_position[depth - 1] += 1
             result.reached_per_position[depth - 1] += int(below)
             result.accepted_per_position[depth - 1] += int(depth < len(path))
