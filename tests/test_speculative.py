@@ -49,13 +49,19 @@ def _head_engine(head: DraftHead, target: VideoLlavaStages, k: int) -> HeadEngin
     return engine
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_greedy_speculative_equals_target(seed):
-    vocab = 60
+def _target_and_reference(vocab: int, seed: int):
+    """The seed's pair, a random prompt prefilled on the target's engine, and transformers' greedy answer."""
     target, draft = _models(vocab, seed)
     prompt = torch.randint(3, vocab, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
     engine, prefill, ids, visual = _prefilled(target, 8, prompt, 400, seed)
     reference = target.greedy_with_hidden(ids, visual, max_new_tokens=24, eos_token_id=EOS)[0]
+    return target, draft, prompt, engine, prefill, ids, reference
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_speculative_equals_target(seed):
+    vocab = 60
+    target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
     baseline = decode_target(engine, prefill.logits, 24, EOS, Sampler())
     assert baseline.output_ids == reference
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
@@ -118,10 +124,7 @@ class ScriptedTree:
 def test_greedy_tree_verification_equals_target(seed):
     """Any tree, right or wrong anywhere, yields the target's own greedy answer; right branches are kept."""
     vocab = 60
-    target, _ = _models(vocab, seed)
-    prompt = torch.randint(3, vocab, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
-    engine, prefill, ids, visual = _prefilled(target, 8, prompt, 400, seed)
-    reference = target.greedy_with_hidden(ids, visual, max_new_tokens=24, eos_token_id=EOS)[0]
+    _, _, _, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
     for hit in (0.0, 0.7, 1.0):
         engine.rewind(ids.shape[1])
         drafter = ScriptedTree(reference, vocab, hit, seed)
