@@ -112,6 +112,32 @@ def test_tree_step_gives_each_token_its_paths_logits_and_keep_commits_the_path(a
         sequence.append(7)
 
 
+def test_a_tree_grown_level_by_level_gives_what_one_tree_step_gives():
+    """A drafter's tree, expanded in three tree steps (`grow`), gives each token its path's logits, and keep
+    commits a path through all three levels."""
+    stages = _stages("draft")
+    ids, visual = _prompt(stages)
+    engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + 40)
+    engine.prefill(stages.embed(ids, visual))
+    sequence = ids[0].tolist()
+    levels = [([11, 12, 13], [-1, -1, -1]), ([21, 22, 23], [0, 2, 2]), ([31, 32], [4, 3])]
+    tokens, parents = [], []
+    for level, (level_tokens, level_parents) in enumerate(levels):
+        out = engine.step_tree(torch.tensor([level_tokens]), level_parents, grow=level > 0)
+        tokens += level_tokens
+        parents += level_parents
+        for i in range(len(level_tokens)):
+            path = [tokens[j] for j in _path(parents, len(tokens) - len(level_tokens) + i)]
+            logits, _ = _oracle(stages, stages.embed(torch.tensor([sequence + path]), visual))
+            torch.testing.assert_close(out.logits[0, i], logits[0, -1], rtol=0, atol=1e-5)
+    engine.keep([2, 4, 6])  # 13 -> 22 -> 31
+    after = engine.step(torch.tensor([[7]]))
+    logits, _ = _oracle(stages, stages.embed(torch.tensor([sequence + [13, 22, 31, 7]]), visual))
+    torch.testing.assert_close(after.logits[0, -1], logits[0, -1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="grow extends"):
+        engine.step_tree(torch.tensor([[5]]), [-1], grow=True)  # a chain step came last
+
+
 def test_tree_step_refuses_parents_that_are_not_a_tree():
     stages = _stages("target")
     engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=64)

@@ -16,7 +16,7 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import TokenDrafter
+from evspec.speculative.drafters import TokenDrafter, TokenTreeDrafter
 from evspec.speculative.sampling import Sampler, SamplingSpec
 
 EOS = 2
@@ -138,6 +138,28 @@ def test_greedy_tree_verification_equals_target(seed):
             assert result.accepted > 0 and result.target_forwards < len(reference)
     with pytest.raises(ValueError, match="greedy only"):
         decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler(SamplingSpec(temperature=0.9)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eventgpt_tree_drafts_are_lossless_and_a_perfect_draft_fills_every_level(seed):
+    """EAGLE-2 trees from EventGPT's engine (levels grown on its own tree cache) leave the target's answer
+    unchanged; the target drafting for itself always has its first draft accepted, and, as a chain
+    (top_k 1), every draft."""
+    vocab = 60
+    target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
+    for depth, top_k, nodes in ((1, 1, 1), (4, 1, 4), (3, 2, 6), (4, 3, 12), (4, 3, 7)):  # the last prunes by score
+        drafters = {"eventgpt": lambda: _prefilled(draft, 5, prompt, 400, seed)[0],
+                    "self": lambda: _prefilled(copy.deepcopy(target), 8, prompt, 400, seed)[0]}  # fmt: skip
+        for name, make in drafters.items():
+            engine.rewind(ids.shape[1])
+            drafter = TokenTreeDrafter(make(), shared(vocab + 2 if name == "self" else vocab), Sampler(), depth,
+                                       top_k, nodes)  # fmt: skip
+            result = decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler())
+            assert result.output_ids == reference, (name, depth, top_k, nodes)
+            if name == "self":  # level 1 holds the target's own argmax: every cycle keeps its first draft
+                assert result.accepted_per_position[0] == result.drafted_per_position[0] > 0
+            if name == "self" and top_k == 1:  # a chain of the target's own argmax: every level is kept
+                assert result.target_forwards == -(-(len(reference) - 1) // (depth + 1)), (depth, result.target_forwards)
 
 
 def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, tiny_data, tmp_path):

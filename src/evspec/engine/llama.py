@@ -112,19 +112,21 @@ class LlamaEngine:
         self.key_positions = positions
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # next write position (device)
         self.length = 0  # the same, on the host
-        self.tree: tuple[int, list[int]] | None = None  # the last step_tree's (cache length before it, parents)
+        # the open tree of the last tree steps: (cache length before it, parents, depths, ancestors [n, n])
+        self.tree: tuple[int, list[int], list[int], torch.Tensor] | None = None
         self.graphs = Graphs(self.device)
         self.step_ids: dict = {}  # the graphs' static inputs: per step length n, and per ("tree", n)
 
     # ---- the forward ------------------------------------------------------------------------
     def _forward(self, embeds: torch.Tensor, attended: int | None,
-                 tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> EngineOutput:  # fmt: skip
+                 tree: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> EngineOutput:  # fmt: skip
         """embeds [1, n, H] written into cache slots position..position+n-1 (their K/V).
 
         `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
         empty cache, causal over the n new positions only, with logits for the last position only.
-        `tree` (depths [n], ancestors [n, n] bool): the n tokens are a tree, not a chain; token i sits at
-        position `position + depths[i]` and reads the cache before `position` and its ancestors (itself included).
+        `tree` (depths [n], ancestors [n, m + n] bool, m): the n tokens extend a tree whose first m tokens
+        are the m slots before `position`; token i sits at the tree's first slot + depths[i] and reads the
+        cache before the tree and its ancestors in it (itself included).
         """
         n = embeds.shape[1]
         positions = self.position + torch.arange(n, device=self.device)  # [n] cache slots
@@ -132,11 +134,12 @@ class LlamaEngine:
             rotary = positions
             visible = None if attended is None else self.key_positions[None, :attended] <= positions[:, None]
         else:
-            depths, ancestors = tree
-            rotary = self.position + depths
-            offset = self.key_positions[:attended] - self.position  # key slot relative to the tree's first
-            in_tree = (offset >= 0) & (offset < n)
-            visible = (offset < 0)[None, :] | (ancestors[:, offset.clamp(0, n - 1)] & in_tree[None, :])
+            depths, ancestors, m = tree
+            start = self.position - m  # the tree's first slot
+            rotary = start + depths
+            offset = self.key_positions[:attended] - start  # key slot relative to the tree's first
+            in_tree = (offset >= 0) & (offset < m + n)
+            visible = (offset < 0)[None, :] | (ancestors[:, offset.clamp(0, m + n - 1)] & in_tree[None, :])
         cos, sin = self.cos[rotary][None, None], self.sin[rotary][None, None]  # [1, 1, n, d]
         kernel = self.attention[int(n > 1)]
         x = embeds
@@ -183,28 +186,38 @@ class LlamaEngine:
         return out
 
     @torch.no_grad()
-    def step_tree(self, token_ids: torch.Tensor, parents: list[int]) -> EngineOutput:
+    def step_tree(self, token_ids: torch.Tensor, parents: list[int], grow: bool = False) -> EngineOutput:
         """A tree of tokens [1, n] after the cache, verified in one forward (EAGLE's tree attention).
 
         `parents[i]` is the index of token i's parent in the tree (-1: the last committed token); parents
         come before their children. Token i reads the cache and its ancestors and sits at the position
         after its parent, so its logits are those of the chain cache + path to i. K/V go to the next n
-        slots; `keep` moves the accepted path into place. A replayed graph per (n, bucket) on CUDA.
+        slots; `keep` moves the accepted path into place. With `grow`, the tokens extend the tree of the
+        tree steps before (no other step or rewind between): parents index that whole tree, earlier
+        tokens first, so a drafter can expand its tree level by level. A replayed graph per
+        (n, tree size, bucket) on CUDA.
         """
         n = token_ids.shape[1]
-        if len(parents) != n or any(not -1 <= p < i for i, p in enumerate(parents)):
+        if grow and not self._tree_is_open():
+            raise ValueError("grow extends the last tree step's tree, with no other step or rewind between")
+        base, old_parents, old_depths, old_ancestors = self.tree if grow else (self.length, [], [], None)
+        m = len(old_parents)
+        if len(parents) != n or any(not -1 <= p < m + i for i, p in enumerate(parents)):
             raise ValueError(f"parents {parents}: one per token, each -1 or an earlier token's index")
         self._check_room(n)
-        depths, ancestors = [0] * n, torch.zeros(n, n, dtype=torch.bool)
-        for i, parent in enumerate(parents):
-            depths[i] = 0 if parent < 0 else depths[parent] + 1
+        total = m + n
+        depths, ancestors = old_depths + [0] * n, torch.zeros(total, total, dtype=torch.bool)
+        if m:
+            ancestors[:m, :m] = old_ancestors
+        for node, parent in enumerate(parents, start=m):
+            depths[node] = 0 if parent < 0 else depths[parent] + 1
             if parent >= 0:
-                ancestors[i] = ancestors[parent]
-            ancestors[i, i] = True
+                ancestors[node] = ancestors[parent]
+            ancestors[node, node] = True
         attended = bucket_end(self.length + n, self.capacity)
-        inputs = (token_ids, host_to_device(depths, self.device), host_to_device(ancestors, self.device))
+        inputs = (token_ids, host_to_device(depths[m:], self.device), host_to_device(ancestors[m:], self.device))
         if self.graphs.enabled:
-            key = ("tree", n)
+            key = ("tree", n, total)
             if key not in self.step_ids:
                 self.step_ids[key] = tuple(torch.zeros_like(t, device=self.device) for t in inputs)
             for static, value in zip(self.step_ids[key], inputs):
@@ -212,19 +225,23 @@ class LlamaEngine:
             inputs = self.step_ids[key]
         ids, depth_ids, ancestor_mask = inputs
         length = self.length
-        out = self.graphs.run(("tree", n, attended),
-                              lambda: self._forward(self.embed_tokens(ids), attended, (depth_ids, ancestor_mask)),
+        out = self.graphs.run(("tree", n, total, attended),
+                              lambda: self._forward(self.embed_tokens(ids), attended, (depth_ids, ancestor_mask, m)),
                               restore=lambda: self.position.fill_(length))  # fmt: skip
         self.length += n
-        self.tree = (length, list(parents))
+        self.tree = (base, old_parents + list(parents), depths, ancestors)
         return out
+
+    def _tree_is_open(self) -> bool:
+        """A tree step came last: nothing stepped or rewound since."""
+        return self.tree is not None and self.length == self.tree[0] + len(self.tree[1])
 
     def keep(self, nodes: list[int]) -> None:
         """After `step_tree`: the accepted path (token indices of the tree, from a root down) moved to the
         slots after the cache in every layer, the rest of the tree forgotten. Nothing is recomputed."""
-        if self.tree is None or self.length != self.tree[0] + len(self.tree[1]):
+        if not self._tree_is_open():
             raise ValueError("keep follows a tree step, with no other step or rewind between")
-        base, parents = self.tree
+        base, parents = self.tree[:2]
         if not nodes or any(not 0 <= node < len(parents) for node in nodes) or \
                 [parents[node] for node in nodes] != [-1, *nodes[:-1]]:  # fmt: skip
             raise ValueError(f"nodes {nodes}: not a path from a root of the tree {parents}")

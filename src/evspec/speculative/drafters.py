@@ -54,6 +54,82 @@ class TokenDrafter:
         self.pending = ([tokens[-2]] if n_accepted == k else []) + [tokens[-1]]  # tokens[-2]: the last draft
 
 
+class TokenTreeDrafter:
+    """EventGPT drafts a tree (EAGLE-2's dynamic tree, greedy): `depth` levels, each the `top_k` children of
+    the level before with the highest cumulative draft log-probability, grown level by level on the
+    draft's own engine (`LlamaEngine.step_tree(grow=True)`); then the `nodes` best of all, by the same
+    score, are proposed. A child's score is below its parent's, so the best `nodes` include their
+    ancestors. Its cache holds the committed tokens except `pending`, as `TokenDrafter`'s.
+    """
+
+    def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, sampler: Sampler, depth: int, top_k: int,
+                 nodes: int) -> None:  # fmt: skip
+        if not sampler.greedy:
+            raise ValueError("tree drafting is greedy only: sampling needs recursive rejection over siblings")
+        if min(depth, top_k, nodes) < 1:
+            raise ValueError(f"depth {depth}, top_k {top_k} and nodes {nodes} must be positive")
+        self.draft, self.vocabulary = draft, vocabulary
+        self.depth, self.top_k, self.nodes = depth, top_k, nodes
+        self.allowed = vocabulary.draft_mask.to(draft.device)
+        self.pending: list[int] = []
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        self.pending = [first_token]
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().masked_fill(~self.allowed, float("-inf")).log_softmax(-1)
+
+    def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
+        out = self.draft.step(host_to_device([self.vocabulary.readable(self.pending)], self.draft.device))
+        self.base = self.draft.length
+        tokens, parents, scores = [], [], []  # the candidates, level by level
+        self.fed: dict[int, int] = {}  # candidate -> its index in the draft's tree (the candidates it has read)
+        layer, level_scores = [-1], self._log_probs(out.logits[0, -1:])  # children of the last committed token
+        for level in range(self.depth):
+            if level:  # the draft reads the level before (growing its tree) for that level's children
+                ids = host_to_device([[tokens[c] for c in layer]], self.draft.device)
+                out = self.draft.step_tree(ids, [self.fed.get(parents[c], -1) for c in layer], grow=level > 1)
+                self.fed.update({c: len(self.fed) for c in layer})
+                cumulative = torch.tensor([scores[c] for c in layer], device=out.logits.device)[:, None]
+                level_scores = cumulative + self._log_probs(out.logits[0])
+            best = level_scores.flatten().topk(min(self.top_k, level_scores.numel()))
+            vocab, previous, layer = level_scores.shape[-1], layer, []
+            for flat, score in zip(best.indices.tolist(), best.values.tolist()):
+                if score > float("-inf"):  # fewer shared ids than top_k
+                    layer.append(len(tokens))
+                    tokens.append(flat % vocab)
+                    parents.append(previous[flat // vocab])
+                    scores.append(score)
+            if not layer:
+                break
+        chosen = sorted(sorted(range(len(tokens)), key=lambda c: -scores[c])[: self.nodes])  # parents first
+        chosen = sorted({a for c in chosen for a in self._ancestry(c, parents)})  # ties can drop an ancestor
+        index = {c: i for i, c in enumerate(chosen)}
+        self.tree = [(tokens[c], index.get(parents[c], -1), c) for c in chosen]  # (token, parent, candidate)
+        return torch.tensor([t for t, _, _ in self.tree]), [p for _, p, _ in self.tree]
+
+    @staticmethod
+    def _ancestry(candidate: int, parents: list[int]) -> list[int]:
+        path = []
+        while candidate >= 0:
+            path.append(candidate)
+            candidate = parents[candidate]
+        return path
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        """Keep the accepted drafts the draft has read (a path from its tree's root); the rest are pending."""
+        node, path = -1, []
+        for token in tokens[:-1]:  # the accepted drafts: one child per parent has a given token
+            node = next(i for i, (t, p, _) in enumerate(self.tree) if p == node and t == token)
+            path.append(self.tree[node][2])
+        read = [self.fed[c] for c in path if c in self.fed]  # a prefix of the path: the draft reads parents first
+        if read:
+            self.draft.keep(read)
+        else:
+            self.draft.rewind(self.base)
+        self.pending = tokens[len(read):]
+
+
 class PrefetchedDrafter(TokenDrafter):
     """A TokenDrafter whose first k drafts were made before the target's first token was known.
 
