@@ -172,14 +172,16 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
                      tiny_pair_dir / "target_tokenizer")  # fmt: skip
     torch.manual_seed(0)
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
-    settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train",
-                            draft_lengths={"hf-assisted": [2], "token": [1, 3], "feature": [2], "prefill": [2]})  # fmt: skip
+    settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train", tree_top_k=2, tree_nodes=5,
+                            methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature", "prefill"),
+                            draft_lengths={"hf-assisted": [2], "token": [1, 3], "token-tree": [3], "feature": [2],
+                                           "prefill": [2]})  # fmt: skip
     embeddings = pair.draft.get_input_embeddings()
     frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
     assert pair.draft.get_input_embeddings() is embeddings  # transformers' assisted decoding left EventGPT whole
     target = frames["target"].set_index("sample_id")
     assert len(target) == 3 and (target["status"] == "ok").all()
-    for method in ("hf-generate", "token", "feature", "prefill"):
+    for method in ("hf-generate", "token", "token-tree", "feature", "prefill"):
         rows = frames[method]
         assert (rows["status"] == "ok").all() and rows["exact_match"].all(), method
         assert set(rows["k"]) == {0} if method == "hf-generate" else True
@@ -197,6 +199,9 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
     assert entries[("target", 0)]["speedup_median"] == 1.0
     assert "predicted_decode_speedup" in entries[("token", 3)]
+    assert "predicted_decode_speedup" in entries[("token-tree", 3)] and entries[("token-tree", 3)]["verify_ratio"] > 0
+    with pytest.raises(ValueError, match="token-tree verifies greedily only"):
+        SpecSettings(methods=("target", "token-tree"), draft_lengths={"token-tree": [3]}, temperature=0.9)
 
 
 def test_drafts_past_the_answers_end_are_not_counted():

@@ -7,6 +7,8 @@ the clock starts), each method answers from scratch:
     hf-generate   transformers' `generate` on the same target model
     hf-assisted   transformers' assisted generation with the draft as `assistant_model`
     token         as target, then EventGPT (events -> its prompt -> prefill) drafts k per cycle
+    token-tree    as token, but EventGPT drafts an EAGLE-2 tree of depth k (`tree_top_k` children per
+                  level, the `tree_nodes` best proposed), verified in one target forward (greedy only)
     feature       as target, then the draft head (reading EventGPT's event tokens) drafts k
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
@@ -40,14 +42,14 @@ from evspec.engine.head import HeadEngine
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
-from evspec.speculative.decode import Decoded, decode_speculative, decode_target
-from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter
+from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
+from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.sampling import Sampler, SamplingSpec
 from evspec.timing import Stopwatch, median_ms
 
-DRAFTING = ("hf-assisted", "token", "feature", "prefill")
-OWN_DRAFTERS = ("token", "feature", "prefill")  # the methods whose unit costs (c, v) are measured
+DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "prefill")
+OWN_DRAFTERS = ("token", "token-tree", "feature", "prefill")  # the methods whose unit costs (c, v) are measured
 COST_REPEATS = 10  # timed repeats of each unit cost (after one warm-up)
 
 
@@ -57,6 +59,8 @@ class SpecSettings:
     draft_lengths: dict[str, list[int]] = field(
         default_factory=lambda: {"hf-assisted": [4], "token": [2, 4], "feature": [2, 4], "prefill": [4]}
     )
+    tree_top_k: int = 4  # token-tree: the children kept per tree level (EAGLE-2's top-k)
+    tree_nodes: int = 16  # token-tree: the drafts proposed, the best by cumulative draft log-probability
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -86,6 +90,11 @@ class SpecSettings:
         for method in set(self.methods) & set(DRAFTING):
             if not self.draft_lengths.get(method):
                 raise ValueError(f"draft_lengths needs a list of k for {method!r}")
+        if "token-tree" in self.methods and not self.sampling.greedy:
+            raise ValueError("token-tree verifies greedily only (sampling needs recursive rejection over siblings): "
+                             "set temperature 0 or drop token-tree from methods")  # fmt: skip
+        if min(self.tree_top_k, self.tree_nodes) < 1:
+            raise ValueError(f"tree_top_k ({self.tree_top_k}) and tree_nodes ({self.tree_nodes}) must be positive")
 
     @property
     def sampling(self) -> SamplingSpec:
@@ -93,7 +102,12 @@ class SpecSettings:
 
     @property
     def longest_draft(self) -> int:
-        return max((max(ks) for method, ks in self.draft_lengths.items() if method in self.methods), default=1)
+        """The most tokens a cycle adds to either cache past the committed ones (a chain's k, a tree's size)."""
+        longest = max((max(ks) for method, ks in self.draft_lengths.items() if method in self.methods), default=1)
+        if "token-tree" in self.methods:
+            depth = max(self.draft_lengths["token-tree"])
+            longest = max(longest, self.tree_nodes + 1, depth * self.tree_top_k)
+        return longest
 
 
 @dataclass
@@ -166,6 +180,11 @@ class Engines:
         self.draft_prefill(clip)
         return TokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
 
+    def token_tree_drafter(self, clip: Clip, depth: int) -> TokenTreeDrafter:
+        self.draft_prefill(clip)
+        return TokenTreeDrafter(self.draft_engine, self.vocabulary, self.draft_sampler, depth, self.settings.tree_top_k,
+                                self.settings.tree_nodes)  # fmt: skip
+
     def head_drafter(self, clip: Clip) -> HeadEngine:
         """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
         if self.head_engine is None:
@@ -174,8 +193,13 @@ class Engines:
         return self.head_engine
 
     def speculative(self, prefill, drafter, k: int, max_new_tokens: int) -> Decoded:
-        decoded = decode_speculative(self.target_engine, prefill, drafter, k, max_new_tokens, self.eos,
-                                     self.target_sampler)  # fmt: skip
+        """Chains of k, or trees from a drafter that proposes them (`propose_tree`)."""
+        if hasattr(drafter, "propose_tree"):
+            decoded = decode_speculative_tree(self.target_engine, prefill, drafter, max_new_tokens, self.eos,
+                                              self.target_sampler)  # fmt: skip
+        else:
+            decoded = decode_speculative(self.target_engine, prefill, drafter, k, max_new_tokens, self.eos,
+                                         self.target_sampler)  # fmt: skip
         decoded.target_forwards += 1  # the prefill gave the first token
         return decoded
 
@@ -199,27 +223,40 @@ class Engines:
     # ---- unit costs of the cost model ----------------------------------------------------------
     def unit_costs(self, method: str, clip: Clip, k: int, repeats: int = COST_REPEATS) -> dict[str, float]:
         """The cost model's units (ms, medians; `evspec.speculative.cost`): one target step, one verify of
-        k + 1 tokens, and one draft token = one proposal of k drafts (with its commit of one token) / k."""
+        k + 1 tokens, and one draft token = one proposal of k drafts (with its commit of one token) / k.
+        For token-tree (k = the depth): a proposal of a tree / k, and the verify of [last] + that tree."""
         prefill = self.target_prefill(clip)
         token = prefill.logits[:, -1].argmax(-1)
-        drafter = self.head_drafter(clip) if method == "feature" else self.token_drafter(clip)
+        tree = method == "token-tree"
+        drafters = {"feature": self.head_drafter, "token-tree": lambda c: self.token_tree_drafter(c, k)}
+        drafter = drafters.get(method, self.token_drafter)(clip)
         drafter.start(int(token), prefill.hidden[0, -1])
         hidden = prefill.hidden[0, -1:].clone()
+        propose = drafter.propose_tree if tree else lambda: drafter.propose(k)
 
         def cycle_without_verify():  # every draft rejected: the answer grows by one token per repeat
-            drafter.propose(k)
+            propose()
             drafter.commit([int(token)], hidden)
 
         target_length = self.target_engine.length
+        verify_ids, parents = token.view(1, 1).expand(1, k + 1), None
+        if tree:  # a tree the drafter proposes here, behind the last token
+            draft_ids, draft_parents = drafter.propose_tree()
+            drafter.commit([int(token)], hidden)
+            verify_ids = torch.cat([token.view(1), draft_ids.to(self.device)])[None]
+            parents = [-1, *[parent + 1 for parent in draft_parents]]
 
-        def target_forward(n: int) -> None:
-            self.target_engine.step(token.view(1, 1).expand(1, n))
+        def target_forward(ids: torch.Tensor, tree_parents: list[int] | None = None) -> None:
+            if tree_parents is None:
+                self.target_engine.step(ids)
+            else:
+                self.target_engine.step_tree(ids, tree_parents)
             self.target_engine.rewind(target_length)
 
         devices = {self.device, self.draft_device}
         return {"draft_token_ms": median_ms(cycle_without_verify, devices, repeats) / k,
-                "target_step_ms": median_ms(lambda: target_forward(1), devices, repeats),
-                "verify_ms": median_ms(lambda: target_forward(k + 1), devices, repeats)}  # fmt: skip
+                "target_step_ms": median_ms(lambda: target_forward(token.view(1, 1)), devices, repeats),
+                "verify_ms": median_ms(lambda: target_forward(verify_ids, parents), devices, repeats)}  # fmt: skip
 
 
 # ---- the methods -----------------------------------------------------------------------------------
@@ -232,14 +269,14 @@ def _target(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
     return Timed(decoded, ttft_ms, 0.0, clock.ms())
 
 
-def _with_drafter(make_drafter: Callable[[Engines, Clip], object]):
+def _with_drafter(make_drafter: Callable[[Engines, Clip, int], object]):
     """A method: the target's vision and prefill, the drafter's set-up (timed apart), then speculation."""
 
     def method(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
         clock = engines.clock()
         prefill = engines.target_prefill(clip)
         ttft_ms = clock.ms()
-        drafter = make_drafter(engines, clip)
+        drafter = make_drafter(engines, clip, k)
         setup_ms = clock.ms() - ttft_ms
         return Timed(engines.speculative(prefill, drafter, k, max_new_tokens), ttft_ms, setup_ms, clock.ms())
 
@@ -291,8 +328,9 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "target": _target,
     "hf-generate": lambda engines, clip, k, n: _hf(engines, clip, 0, n),
     "hf-assisted": _hf,
-    "token": _with_drafter(Engines.token_drafter),
-    "feature": _with_drafter(Engines.head_drafter),
+    "token": _with_drafter(lambda engines, clip, k: engines.token_drafter(clip)),
+    "token-tree": _with_drafter(Engines.token_tree_drafter),
+    "feature": _with_drafter(lambda engines, clip, k: engines.head_drafter(clip)),
     "prefill": _prefill,
     DRAFT_ALONE: _draft_alone,
 }
