@@ -63,7 +63,7 @@ def main() -> None:
                                             engines.eos, engines.target_sampler)  # fmt: skip
             else:
                 drafter = TokenTreeDrafter(engines.draft_engine, vocabulary, engines.draft_sampler, *shape)
-                result = decode_speculative_tree(engines.target_engine, prefill, drafter, args.max_new_tokens,
+                result = decode_speculative_tree(engines.target_engine, prefill, drafter, shape[0], args.max_new_tokens,
                                                  engines.eos, engines.target_sampler)  # fmt: skip
             answer = answer or result.output_ids
             if result.output_ids != answer:

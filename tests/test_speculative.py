@@ -128,7 +128,7 @@ def test_greedy_tree_verification_equals_target(seed):
     for hit in (0.0, 0.7, 1.0):
         engine.rewind(ids.shape[1])
         drafter = ScriptedTree(reference, vocab, hit, seed)
-        result = decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler())
+        result = decode_speculative_tree(engine, prefill, drafter, 4, 24, EOS, Sampler())
         assert result.output_ids == reference, hit
         assert result.accepted <= result.drafted and result.target_forwards == len(drafter.trees)
         assert sum(result.accepted_per_position) == result.accepted
@@ -137,7 +137,12 @@ def test_greedy_tree_verification_equals_target(seed):
         if hit == 1.0 and len(reference) > 4:
             assert result.accepted > 0 and result.target_forwards < len(reference)
     with pytest.raises(ValueError, match="greedy only"):
-        decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler(SamplingSpec(temperature=0.9)))
+        decode_speculative_tree(engine, prefill, drafter, 4, 24, EOS, Sampler(SamplingSpec(temperature=0.9)))
+    deep = ScriptedTree(reference, vocab, 0.0, seed)
+    deep.propose_tree = lambda: (torch.tensor([5, 6, 7, 8]), [-1, 0, 1, 2])  # a chain of 4 drafts
+    engine.rewind(ids.shape[1])
+    with pytest.raises(ValueError, match="depth 4, deeper than 3"):
+        decode_speculative_tree(engine, prefill, deep, 3, 24, EOS, Sampler())
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -154,8 +159,9 @@ def test_eventgpt_tree_drafts_are_lossless_and_a_perfect_draft_fills_every_level
             engine.rewind(ids.shape[1])
             drafter = TokenTreeDrafter(make(), shared(vocab + 2 if name == "self" else vocab), Sampler(), depth,
                                        top_k, nodes)  # fmt: skip
-            result = decode_speculative_tree(engine, prefill, drafter, 24, EOS, Sampler())
+            result = decode_speculative_tree(engine, prefill, drafter, depth, 24, EOS, Sampler())
             assert result.output_ids == reference, (name, depth, top_k, nodes)
+            assert len(result.drafted_per_position) == depth  # one count per depth, whatever the trees
             if name == "self":  # level 1 holds the target's own argmax: every cycle keeps its first draft
                 assert result.accepted_per_position[0] == result.drafted_per_position[0] > 0
             if name == "self" and top_k == 1:  # a chain of the target's own argmax: every level is kept

@@ -132,17 +132,19 @@ def decode_speculative(target: LlamaEngine, prefill: EngineOutput, drafter: Draf
     return result
 
 
-def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter: TreeDrafter, max_new_tokens: int,
-                            eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
+def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter: TreeDrafter, depth: int,
+                            max_new_tokens: int, eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
     """Greedy tree verification: the target runs [last] + the draft tree in one forward (`step_tree`), keeps
     the longest path of drafts each equal to its argmax after the parent, then its own token after the
-    path; the cache keeps the path (`keep`). Per-position counts are per tree depth: depth d was reached
-    when the path got to depth d - 1 and the tree has a draft below it there.
+    path; the cache keeps the path (`keep`). Per-position counts are per tree depth 1..`depth` (the
+    drafter's trees are no deeper): depth d was reached when the path got to depth d - 1 and the tree
+    has a draft below it there.
     """
     if not sampler.greedy:
         raise ValueError("tree verification is greedy only: sampling needs recursive rejection over siblings")
     tokens = [int(sampler.pick(prefill.logits[:, -1]))]
-    result = Decoded(tokens)
+    result = Decoded(tokens, drafted_per_position=[0] * depth, reached_per_position=[0] * depth,
+                     accepted_per_position=[0] * depth)  # fmt: skip
     drafter.start(tokens[0], prefill.hidden[0, -1])
     while not _done(tokens, max_new_tokens, eos_token_id):
         draft_ids, parents = drafter.propose_tree()
@@ -154,6 +156,8 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
         for node in range(1, len(nodes)):
             depths[node] = depths[nodes[node]] + 1
             children[nodes[node]].append(node)
+        if max(depths) > depth:
+            raise ValueError(f"the drafter proposed a tree of depth {max(depths)}, deeper than {depth}")
         path = [0]  # walk down while a child is the target's argmax after its parent
         while agreeing := [child for child in children[path[-1]] if ids[child] == choices[path[-1]]]:
             path.append(agreeing[0])
@@ -164,15 +168,13 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
         tokens += kept
         drafter.commit(kept, hidden)
         result.target_forwards += 1
-        result.drafted += sum(1 <= depth <= inside for depth in depths)
+        result.drafted += sum(1 <= node_depth <= inside for node_depth in depths)
         result.accepted += min(len(path) - 1, inside)
-        for lists in (result.drafted_per_position, result.reached_per_position, result.accepted_per_position):
-            lists.extend([0] * (inside - len(lists)))
-        for depth in range(1, inside + 1):
-            below = depth - 1 < len(path) and bool(children[path[depth - 1]])
-            result.drafted_per_position[depth - 1] += 1
-            result.reached_per_position[depth - 1] += int(below)
-            result.accepted_per_position[depth - 1] += int(depth < len(path))
+        for level in range(1, inside + 1):
+            below = level - 1 < len(path) and bool(children[path[level - 1]])
+            result.drafted_per_position[level - 1] += 1
+            result.reached_per_position[level - 1] += int(below)
+            result.accepted_per_position[level - 1] += int(level < len(path))
     result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
     return result
 

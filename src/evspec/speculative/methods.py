@@ -195,7 +195,7 @@ class Engines:
     def speculative(self, prefill, drafter, k: int, max_new_tokens: int) -> Decoded:
         """Chains of k, or trees from a drafter that proposes them (`propose_tree`)."""
         if hasattr(drafter, "propose_tree"):
-            decoded = decode_speculative_tree(self.target_engine, prefill, drafter, max_new_tokens, self.eos,
+            decoded = decode_speculative_tree(self.target_engine, prefill, drafter, k, max_new_tokens, self.eos,
                                               self.target_sampler)  # fmt: skip
         else:
             decoded = decode_speculative(self.target_engine, prefill, drafter, k, max_new_tokens, self.eos,
