@@ -145,6 +145,22 @@ def test_greedy_tree_verification_equals_target(seed):
         decode_speculative_tree(engine, prefill, deep, 3, 24, EOS, Sampler())
 
 
+def test_tree_counts_a_depth_reached_only_where_the_accepted_path_has_a_draft_below():
+    """Cycle 1: a wrong draft with a child, and the right draft as a leaf: depth 1 accepted, depth 2 drafted
+    (under the wrong one) but not reached. Cycle 2: one wrong leaf."""
+    vocab = 60
+    _, _, _, engine, prefill, ids, reference = _target_and_reference(vocab, 0)
+    assert len(reference) >= 5
+    wrong = next(t for t in range(3, vocab) if t not in reference)
+    trees = iter([(torch.tensor([wrong, reference[1], wrong]), [-1, -1, 0]), (torch.tensor([wrong]), [-1])])
+    drafter = ScriptedTree(reference, vocab, 0.0, 0)
+    drafter.propose_tree = lambda: next(trees)
+    result = decode_speculative_tree(engine, prefill, drafter, 2, 4, EOS, Sampler())
+    assert result.output_ids == reference[:4] and result.target_forwards == 2
+    assert (result.drafted_per_position, result.reached_per_position, result.accepted_per_position) == \
+        ([2, 1], [2, 0], [1, 0])  # fmt: skip
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_eventgpt_tree_drafts_are_lossless_and_a_perfect_draft_fills_every_level(seed):
     """EAGLE-2 trees from EventGPT's engine (levels grown on its own tree cache) leave the target's answer
