@@ -115,7 +115,7 @@ class LlamaEngine:
         # the open tree of the last tree steps: (cache length before it, parents, depths, ancestors [n, n])
         self.tree: tuple[int, list[int], list[int], torch.Tensor] | None = None
         self.graphs = Graphs(self.device)
-        self.step_ids: dict = {}  # the graphs' static inputs: per step length n, and per ("tree", n)
+        self.step_ids: dict[tuple, tuple[torch.Tensor, ...]] = {}  # the graphs' static inputs, per (n,) or ("tree", n, size)
 
     # ---- the forward ------------------------------------------------------------------------
     def _forward(self, embeds: torch.Tensor, attended: int | None,
@@ -172,17 +172,22 @@ class LlamaEngine:
         n = token_ids.shape[1]
         self._check_room(n)
         attended = bucket_end(self.length + n, self.capacity)
-        ids = token_ids
-        if self.graphs.enabled:
-            if n not in self.step_ids:
-                self.step_ids[n] = torch.zeros(1, n, dtype=torch.long, device=self.device)
-            ids = self.step_ids[n]
-            ids.copy_(token_ids)
-        length = self.length
-        out = self.graphs.run((n, attended), lambda: self._forward(self.embed_tokens(ids), attended),
-                              restore=lambda: self.position.fill_(length))  # fmt: skip
-        self.length += n
+        out = self._replay((n,), (token_ids,), lambda ids: self._forward(self.embed_tokens(ids), attended), attended)
         self.tree = None
+        return out
+
+    def _replay(self, key: tuple, inputs: tuple[torch.Tensor, ...], forward, attended: int) -> EngineOutput:
+        """`forward(*inputs)` as the graph of (key, bucket) on CUDA, its inputs copied into static buffers
+        kept per key; the cache's length advances by the step's tokens."""
+        if self.graphs.enabled:
+            if key not in self.step_ids:
+                self.step_ids[key] = tuple(torch.zeros_like(t, device=self.device) for t in inputs)
+            for static, value in zip(self.step_ids[key], inputs):
+                static.copy_(value)
+            inputs = self.step_ids[key]
+        length = self.length
+        out = self.graphs.run((*key, attended), lambda: forward(*inputs), restore=lambda: self.position.fill_(length))
+        self.length += inputs[0].shape[1]
         return out
 
     @torch.no_grad()
@@ -216,19 +221,9 @@ class LlamaEngine:
             ancestors[node, node] = True
         attended = bucket_end(self.length + n, self.capacity)
         inputs = (token_ids, host_to_device(depths[m:], self.device), host_to_device(ancestors[m:], self.device))
-        if self.graphs.enabled:
-            key = ("tree", n, total)
-            if key not in self.step_ids:
-                self.step_ids[key] = tuple(torch.zeros_like(t, device=self.device) for t in inputs)
-            for static, value in zip(self.step_ids[key], inputs):
-                static.copy_(value)
-            inputs = self.step_ids[key]
-        ids, depth_ids, ancestor_mask = inputs
-        length = self.length
-        out = self.graphs.run(("tree", n, total, attended),
-                              lambda: self._forward(self.embed_tokens(ids), attended, (depth_ids, ancestor_mask, m)),
-                              restore=lambda: self.position.fill_(length))  # fmt: skip
-        self.length += n
+        out = self._replay(("tree", n, total), inputs,
+                           lambda ids, depth_ids, mask: self._forward(self.embed_tokens(ids), attended, (depth_ids, mask, m)),
+                           attended)  # fmt: skip
         self.tree = (base, old_parents + list(parents), depths, ancestors)
         return out
 
