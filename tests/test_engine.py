@@ -10,7 +10,7 @@ from transformers import VideoLlavaForConditionalGeneration
 
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.engine.head import HeadEngine
-from evspec.engine.kernels import ATTENTION, BUCKET, attend
+from evspec.engine.kernels import ATTENTION, BUCKET, additive_mask, attend
 from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import tiny_eventgpt_config, tiny_video_llava_config
 from evspec.models.eventgpt import EventGPTForCausalLM
@@ -186,14 +186,20 @@ def test_steps_run_the_attention_kernel_chosen_for_their_length(compile):
             assert ran_fused == (kernel == "fused"), (attention, n)
 
 
-def test_matmul_attention_equals_fused_attention_with_grouped_heads():
+def test_both_attention_kernels_compute_masked_attention_with_grouped_heads():
+    """Each query row has its own visible length, so a bias broadcast over the wrong axis (query rows vs
+    the heads grouped on one kv head) changes the result."""
     torch.manual_seed(0)
     q = torch.randn(1, 8, 3, 16)
     keys, values = torch.randn(2, 1, 4, 1024, 16)
-    visible = torch.arange(512)[None, :] <= torch.tensor([300, 301, 302])[:, None]
+    visible = torch.arange(512)[None, :] <= torch.tensor([100, 301, 450])[:, None]
     keys, values = keys[:, :, :512], values[:, :, :512]  # a bucket of a larger cache, as steps read it
-    torch.testing.assert_close(attend(q, keys, values, visible, "matmul"),
-                               attend(q, keys, values, visible, "fused"), rtol=1e-5, atol=1e-5)  # fmt: skip
+    grouped_keys, grouped_values = keys.repeat_interleave(2, dim=1), values.repeat_interleave(2, dim=1)  # repeat_kv
+    scores = (q @ grouped_keys.transpose(-1, -2)) / 4.0
+    expected = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ grouped_values
+    bias = additive_mask(visible, q.dtype)
+    for kernel in ATTENTION:
+        torch.testing.assert_close(attend(q, keys, values, bias, kernel), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_engine_refuses_to_overflow_or_rewind_forward():

@@ -205,6 +205,56 @@ def test_head_engine_graphs_equal_the_cpu_engine(compile):
         assert gpu.length > 256 and len(gpu.graphs.graphs) == 4
 
 
+@pytest.mark.parametrize("compile", [False, True])
+@torch.no_grad()
+def test_bf16_head_engine_runs_the_kernels_and_drafts_as_pytorch_ops_do(compile, monkeypatch):
+    """bf16 drafting on CUDA (projections by the matvec kernel, attention by the fused op with its additive
+    mask; profiled) against the same engine on PyTorch's ops, both against the fp32 CPU engine: each
+    proposal's first law is no further from fp32 than PyTorch's own bf16 rounding puts it."""
+    from test_engine import HIDDEN, _head
+
+    from evspec.engine import matvec
+    from evspec.engine.head import HeadEngine
+    from evspec.speculative.sampling import SamplingSpec
+
+    spec = SamplingSpec(temperature=1.0)
+    head, embed, lm_head = _head()
+    exact = HeadEngine(head, embed, lm_head, 7, 300, 4, Sampler(spec, torch.Generator().manual_seed(0)))
+    engines = []
+    for _ in range(2):  # the kernel engine, then the ops engine
+        modules = (copy.deepcopy(m).cuda().to(torch.bfloat16) for m in (head, embed, lm_head))
+        engines.append(HeadEngine(*modules, 7, 300, 4, Sampler(spec, torch.Generator("cuda").manual_seed(0)),
+                                  compile=compile))  # fmt: skip
+    events, generator = torch.randn(7, 24), torch.Generator().manual_seed(1)
+    exact.load_events(events)
+    hidden = torch.randn(1, HIDDEN)
+    exact.start(5, hidden[0])
+    for engine in engines:
+        engine.load_events(events.cuda())
+        engine.start(5, hidden[0].cuda())
+    errors = []
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]  # ops at capture, kernels
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(60):  # past the first length bucket
+            want = exact.propose(4)[1][0]
+            kernel_law = engines[0].propose(4)[1][0]
+            with monkeypatch.context() as patch:
+                patch.setattr(matvec, "AVAILABLE", False)  # linear falls back to PyTorch's ops
+                ops_law = engines[1].propose(4)[1][0]
+            errors.append([(law.float().cpu() - want).abs().max().item() for law in (kernel_law, ops_law)])
+            m = int(torch.randint(1, 6, (1,), generator=generator))
+            kept, kept_hidden = torch.randint(3, 60, (m,), generator=generator).tolist(), torch.randn(m, HIDDEN)
+            exact.commit(kept, kept_hidden)
+            for engine in engines:
+                engine.commit(kept, kept_hidden.cuda())
+        torch.cuda.synchronize()
+    worst_kernel, worst_ops = (max(column) for column in zip(*errors))
+    assert worst_kernel <= 2 * worst_ops + 5e-3, (worst_kernel, worst_ops)
+    names = {event.name for event in profiler.events()}
+    assert any("_matvec_kernel" in name for name in names) and "evspec::fused_attention" in names
+    assert engines[0].length > 256
+
+
 def _engines_and_clip(tiny_pair_dir, tiny_data, draft_device=None):
     import pandas as pd
 

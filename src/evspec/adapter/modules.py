@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from evspec.engine import matvec
 from evspec.errors import InputError
 
 
@@ -147,12 +148,13 @@ class DraftHead(nn.Module):
 
     def inputs(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream x = fuse(hidden, embedding) [B, L, H] and its attention-normed form."""
-        x = self.fuse(torch.cat([hidden, token_embeds], dim=-1))
+        pairs = torch.cat([hidden, token_embeds], dim=-1)
+        x = matvec.linear(pairs, self.fuse.weight, residual=self.fuse.bias.expand(*pairs.shape[:-1], -1))
         return x, self.attention_norm(x)
 
     def heads(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values [B, heads, L, H / heads] of normed answer positions, from one matmul."""
-        return self._split_heads(self.query_key_value(normed), 3)
+        return self._split_heads(matvec.linear(normed, self.query_key_value.weight), 3)
 
     def key_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of normed event tokens (no queries: they only ever are attended to)."""
@@ -167,12 +169,18 @@ class DraftHead(nn.Module):
     def block(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               allowed: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Attention of the positions x [B, L, H] (queries q) over keys/values where `allowed`, the MLP, the final norm."""
+        return self.after_attention(x, F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed))
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block's rest on x [B, L, H] given its attention output [B, heads, L, H / heads].
+
+        Projections go through `evspec.engine.matvec.linear` (the head engine's drafting is batch-1
+        matrix-vector products: its kernel on CUDA, PyTorch's ops for training's batches and on CPU).
+        """
         batch, length, size = x.shape
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-        x = x + self.output(attended.transpose(1, 2).reshape(batch, length, size))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        x = x + self.down(F.silu(gate) * up)
-        return self.final_norm(x)
+        x = matvec.linear(attended.transpose(1, 2).reshape(batch, length, size), self.output.weight, residual=x)
+        gate_and_up = matvec.linear(self.mlp_norm(x), self.gate_up.weight)
+        return self.final_norm(matvec.linear(gate_and_up, self.down.weight, residual=x, silu_pairs=True))
 
 
 def load_head(path: Path) -> DraftHead:

@@ -15,7 +15,9 @@ draft's law is then zero outside it, which speculative sampling allows); greedy 
 argmax, sampling inverts the warped distribution's CDF at uniforms drawn from the
 drafter's own random stream before the replay. A drafted
 token therefore costs one layer plus the lm_head whatever the answer's length: the cache is
-read only up to the filled bucket (`evspec.engine.kernels`).
+read only up to the filled bucket, by the target engine's fused attention with the mask as a
+bias (`evspec.engine.kernels`), and every projection, the lm_head rows included, is
+`evspec.engine.matvec`'s kernel on CUDA.
 
 It is a `Drafter` (start / propose / commit) of `evspec.speculative.decode`.
 """
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from evspec.adapter.modules import DraftHead
-from evspec.engine.kernels import COMPILE_OPTIONS, Graphs, bucket_end, host_to_device, round_capacity
+from evspec.engine import matvec
+from evspec.engine.kernels import (COMPILE_OPTIONS, Graphs, additive_mask, attend, bucket_end, host_to_device,
+                                   round_capacity)
 from evspec.speculative.sampling import Sampler, inverse_cdf
 
 
@@ -122,7 +125,7 @@ class HeadEngine:
         state = self._block(x.index_select(1, last), q.index_select(2, last), query_position, attended)
         ids, probs = [], []
         for j in range(k):
-            logits = F.linear(state.to(self.draft_lm_head.dtype), self.draft_lm_head)[0]  # [1, V or draft vocab]
+            logits = matvec.linear(state.to(self.draft_lm_head.dtype), self.draft_lm_head)[0]  # [1, V or draft vocab]
             if self.sampler.greedy:
                 token, q = logits.argmax(-1), None
             else:
@@ -151,7 +154,8 @@ class HeadEngine:
 
     def _block(self, x: torch.Tensor, q: torch.Tensor, query_positions: torch.Tensor, attended: int) -> torch.Tensor:
         visible = self.key_positions[None, :attended] <= query_positions[:, None]  # [n, attended]
-        return self.head.block(x, q, self.keys[:, :, :attended], self.values[:, :, :attended], visible)
+        keys, values = self.keys[:, :, :attended], self.values[:, :, :attended]
+        return self.head.after_attention(x, attend(q, keys, values, additive_mask(visible, self.dtype), "fused"))
 
     def _cache_pairs(self, hidden: torch.Tensor, tokens: list[int]) -> None:
         """Keys/values of committed pairs that no proposal will query (outside the graph)."""

@@ -8,7 +8,7 @@ a graph never reads more than one bucket past the filled length.
 
 **Attention kernels for steps** (`attend`; the engine picks one for one-token steps and one
 for verifies, by measurement, see BENCHMARKS.md): `fused` is PyTorch's fused SDPA with the
-mask (cuDNN's on an H100); `matmul` computes the scores as one batched matmul, the softmax
+mask as an additive bias built once per step (cuDNN's on an H100); `matmul` computes the scores as one batched matmul, the softmax
 in fp32 (as transformers' eager attention does) and probabilities x values as a second
 batched matmul, letting cuBLAS split the long key dimension (inductor compiles it into its own
 kernels; `fused` is an op it does not trace into, so the library kernel runs). Both read the cache in place;
@@ -46,33 +46,43 @@ def round_capacity(length: int) -> int:
 ATTENTION = ("fused", "matmul")
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, kernel: str) -> torch.Tensor:
-    """q [1, Hq, n, d] over keys/values [1, Hkv, L, d] where `visible` [n, L] is True; -> [1, Hq, n, d].
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [n, L] as the additive bias attention takes (0 where visible, -inf elsewhere).
+
+    Built once per step and shared by every layer: given a boolean mask, SDPA converts it to this
+    form on every call (three kernels per layer, 0.2 ms of a 7B step, BENCHMARKS.md).
+    """
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, kernel: str) -> torch.Tensor:
+    """q [1, Hq, n, d] over keys/values [1, Hkv, L, d] with `bias` [n, L] (`additive_mask`); -> [1, Hq, n, d].
 
     Heads are grouped as transformers' `repeat_kv` groups them (query head h reads kv head h // (Hq / Hkv)).
+    Every query must see at least one key.
     """
     if kernel == "fused":
-        return torch.ops.evspec.fused_attention(q, keys, values, visible)
+        return torch.ops.evspec.fused_attention(q, keys, values, bias)
     _, n_heads, n, head_dim = q.shape
-    n_kv_heads = keys.shape[1]
+    n_kv_heads, length = keys.shape[1], keys.shape[2]
     group = n_heads // n_kv_heads
     rows = q.reshape(1, n_kv_heads, group * n, head_dim)  # the queries that read one kv head, stacked
     scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * head_dim**-0.5  # [1, Hkv, g*n, L]
-    scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
+    scores = (scores.view(1, n_kv_heads, group, n, length) + bias).view(1, n_kv_heads, group * n, length)
     probs = scores.softmax(-1).to(values.dtype)
     return torch.matmul(probs, values).view(1, n_heads, n, head_dim)
 
 
 @torch.library.custom_op("evspec::fused_attention", mutates_args=())
-def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """PyTorch's fused SDPA (cuDNN's kernel on an H100) as an op torch.compile does not trace into: the
     library kernel runs whatever inductor's lowering of SDPA would choose, and a profile names it."""
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=q.shape[1] != keys.shape[1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=q.shape[1] != keys.shape[1])
     return out.contiguous()  # the layout the fake below promises
 
 
 @fused_attention.register_fake
-def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 

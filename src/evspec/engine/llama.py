@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from evspec.engine import matvec
-from evspec.engine.kernels import (ATTENTION, COMPILE_OPTIONS, Graphs, attend, bucket_end, host_to_device,
-                                   round_capacity)
+from evspec.engine.kernels import (ATTENTION, COMPILE_OPTIONS, Graphs, additive_mask, attend, bucket_end,
+                                   host_to_device, round_capacity)
 
 # the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
 # fused SDPA is fastest for one query; for k + 1 queries it costs 1.16-1.19 steps where matmul costs 1.01-1.04)
@@ -140,11 +140,12 @@ class LlamaEngine:
             offset = self.key_positions[:attended] - start  # key slot relative to the tree's first
             in_tree = (offset >= 0) & (offset < m + n)
             visible = (offset < 0)[None, :] | (ancestors[:, offset.clamp(0, m + n - 1)] & in_tree[None, :])
+        bias = None if visible is None else additive_mask(visible, self.dtype)
         cos, sin = self.cos[rotary][None, None], self.sin[rotary][None, None]  # [1, 1, n, d]
         kernel = self.attention[int(n > 1)]
         x = embeds
         for index, weights in enumerate(self.layers):
-            x = self.layer(x, weights, self.keys[index], self.values[index], positions, cos, sin, visible,
+            x = self.layer(x, weights, self.keys[index], self.values[index], positions, cos, sin, bias,
                                attended, kernel, self.shape)  # fmt: skip
         hidden = self.norm(x)
         self.position += n
@@ -280,7 +281,7 @@ class LlamaEngine:
 
 
 def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-           cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor | None, attended: int | None, kernel: str,
+           cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None, attended: int | None, kernel: str,
            shape: tuple) -> torch.Tensor:  # fmt: skip
     """One LLaMA decoder layer on x [1, n, H], writing its K/V at `positions` (transformers' arithmetic, fp32 norms)."""
     input_norm, qkv, o, post_norm, gate_up, down = weights
@@ -297,7 +298,7 @@ def _layer(x: torch.Tensor, weights: tuple, keys: torch.Tensor, values: torch.Te
     if attended is None:  # prefill into an empty cache: causal over the new positions, fused kernel
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads)
     else:
-        attention = attend(q, keys[:, :, :attended], values[:, :, :attended], visible, kernel)
+        attention = attend(q, keys[:, :, :attended], values[:, :, :attended], bias, kernel)
     x = matvec.linear(attention.transpose(1, 2).reshape(1, n, q_size), o, residual=x, kernel=matvec_kernel)
     gate_and_up = matvec.linear(_rms_norm(x, post_norm, eps), gate_up, kernel=matvec_kernel)
     return matvec.linear(gate_and_up, down, residual=x, silu_pairs=True, kernel=matvec_kernel)
