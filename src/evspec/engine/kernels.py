@@ -99,6 +99,10 @@ class Graphs:
         if self.enabled:
             with torch.cuda.device(device):
                 self.pool = torch.cuda.graph_pool_handle()
+                # a capture stream on this engine's GPU: torch.cuda.graph's default one is made once per
+                # process on whichever GPU was current, so a draft on a second GPU would be captured from a
+                # stream of the first and its kernels would land on an uncaptured stream (capture error)
+                self.capture_stream = torch.cuda.Stream()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
 
     def run(self, key: tuple, function: Callable[[], object], restore: Callable[[], None]) -> object:
@@ -122,7 +126,7 @@ class Graphs:
                     restore()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
                 out = function()
             restore()  # capture records the kernels without running them
             self.graphs[key] = (graph, out)
