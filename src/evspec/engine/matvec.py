@@ -47,10 +47,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
            kernel: bool = True) -> torch.Tensor:  # fmt: skip
     """x [..., K] (or [..., 2K] with `silu_pairs`) times weight [N, K]^T, plus `residual` [..., N].
 
-    `kernel=False` (or a tensor the kernel does not take) runs `reference`.
+    `kernel=False` (or a tensor the kernel does not take, or one that needs gradients) runs `reference`.
     """
     rows = x.numel() // x.shape[-1]
-    if not (kernel and AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= MAX_ROWS):
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # the kernel has no backward
+    if training or not (kernel and AVAILABLE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                        and rows <= MAX_ROWS):  # fmt: skip
         return reference(x, weight, residual, silu_pairs)
     if silu_pairs and rows > 1:  # fused into the tensor-core path it ran at 0.13x the bandwidth: kept outside
         gate, up = x.chunk(2, dim=-1)

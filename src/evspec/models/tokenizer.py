@@ -12,7 +12,7 @@ same word to both models and the next id does not.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,23 @@ class SharedVocabulary:
 
     draft_mask: torch.Tensor  # bool [draft_rows]: True where the draft id is shared
     unknown_id: int  # what the draft reads for a target id it does not share
+    _masks_on_devices: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def draft_mask_on(self, device: torch.device | str) -> torch.Tensor:
+        """`draft_mask` on `device`, copied on the first call only (`Engines` makes that call before any clip).
+
+        Drafting must not copy it per clip: a copy from pageable host memory waits for the stream it is queued
+        on, so on `prefill`'s drafting side stream it held the host, and the target's work queued after it,
+        until the draft's vision and prefill were done. The first copy completes before it is returned, so
+        any stream may read it.
+        """
+        key = str(device)
+        if key not in self._masks_on_devices:
+            mask = self.draft_mask.to(device)
+            if mask.is_cuda:
+                torch.cuda.synchronize(mask.device)
+            self._masks_on_devices[key] = mask
+        return self._masks_on_devices[key]
 
     @classmethod
     def from_tokenizers(cls, draft: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, draft_rows: int,

@@ -29,7 +29,7 @@ class TokenDrafter:
 
     def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler) -> None:
         self.draft, self.vocabulary, self.target_vocab, self.sampler = draft, vocabulary, target_vocab, sampler
-        self.allowed = vocabulary.draft_mask.to(draft.device)
+        self.allowed = vocabulary.draft_mask_on(draft.device)
         self.pending: list[int] = []
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
@@ -70,7 +70,7 @@ class TokenTreeDrafter:
             raise ValueError(f"depth {depth}, top_k {top_k} and nodes {nodes} must be positive")
         self.draft, self.vocabulary = draft, vocabulary
         self.depth, self.top_k, self.nodes = depth, top_k, nodes
-        self.allowed = vocabulary.draft_mask.to(draft.device)
+        self.allowed = vocabulary.draft_mask_on(draft.device)
         self.pending: list[int] = []
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
@@ -153,7 +153,7 @@ class PrefetchedDrafter(TokenDrafter):
                     target_vocab: int, sampler: Sampler) -> PrefetchedDrafter:  # fmt: skip
         """Draw g0..gk from the draft's prefill onward, without any host synchronisation."""
         prompt_length = draft.length
-        allowed = vocabulary.draft_mask.to(draft.device)
+        allowed = vocabulary.draft_mask_on(draft.device)
         token, _ = sampler.propose(prefill_logits[0, -1], allowed, target_vocab)
         guesses, probs = [token], []
         for _ in range(k):

@@ -149,6 +149,7 @@ class Engines:
         answer = settings.max_new_tokens + 2 * settings.longest_draft + COST_REPEATS + 2  # + room to measure costs
         self.target_engine = self.target.engine(max_prompts[0] + answer, compile=settings.compile)
         self.draft_engine = self.draft.engine(max_prompts[1] + answer, compile=settings.compile)
+        vocabulary.draft_mask_on(self.draft_engine.device)  # before any clip: drafters copy nothing per clip
         self.target_vocab = self.target.lm_head.out_features
         self.overlapped = self.device.type == "cuda"
         self.side_stream = torch.cuda.Stream(self.device) if self.overlapped and self.draft_device == self.device else None
