@@ -78,17 +78,24 @@ def timings(engines: Engines, clip: Clip, k: int, repeats: int) -> dict[str, dic
 
 
 def kernel_trace(engines: Engines, clip: Clip, k: int) -> dict:
-    """One overlapped prefill (to the first token) under the profiler: kernels per stream and their overlap."""
+    """One overlapped prefill (to the first token) under the profiler: kernels per stream and their overlap, how
+    long the host took to queue it, and the longest CUDA API calls on the host (where a host wait shows)."""
     engines.overlapped_prefill(clip, k)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        engines.overlapped_prefill(clip, k)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.record_function("queue the overlapped prefill"):
+            engines.overlapped_prefill(clip, k)
         for device in {engines.device, engines.draft_device}:
             torch.cuda.synchronize(device)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "trace.json"
         profiler.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
+    queue = next(e for e in events if e.get("name") == "queue the overlapped prefill" and e.get("cat") == "user_annotation")
+    calls = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                    and queue["ts"] <= e["ts"] <= queue["ts"] + queue["dur"]), key=lambda e: -e["dur"])  # fmt: skip
+    longest_calls = [f"{e['name']} {e['dur'] / 1000:.2f} ms" for e in calls[:5]]
     kernels = [e for e in events if e.get("cat") == "kernel"]
     streams: dict[str, list[tuple[float, float]]] = {}
     for event in kernels:
@@ -98,7 +105,9 @@ def kernel_trace(engines: Engines, clip: Clip, k: int) -> dict:
     summary = {key: {"kernels": len(v), "busy_ms": sum(e - s for s, e in v) / 1000,
                      "first_ms": (min(s for s, _ in v) - start) / 1000, "last_ms": (max(e for _, e in v) - start) / 1000}
                for key, v in sorted(streams.items(), key=lambda item: -len(item[1]))}  # fmt: skip
-    busiest = list(summary)[:2]
+    summary["host queued it in, ms (profiled)"] = round(queue["dur"] / 1000, 2)
+    summary["longest CUDA API calls while queueing"] = longest_calls
+    busiest = [key for key in summary if key.startswith("gpu")][:2]
     if len(busiest) == 2:
         summary["both busy at once, ms"] = _overlap_ms(streams[busiest[0]], streams[busiest[1]])
         ordered = sorted((s, key) for key in busiest for s, _ in streams[key])
