@@ -34,9 +34,9 @@ import evspec.speculative.decode as decode_module
 from evspec.adapter.modules import DraftHead, HeadConfig
 from evspec.models.configs import small_text_config
 from evspec.models.tokenizer import SharedVocabulary
-from evspec.speculative.decode import decode_speculative
+from evspec.speculative.decode import decode_speculative, decode_speculative_tree
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter
+from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler, SamplingSpec
 
@@ -116,8 +116,9 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
 
 
 def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed: int = 0, noise: float = 0.1,
-          head_std: float = 0.7, device: str = "cpu"):
-    """`draws` answers of n_tokens, their cycle counts, and the reference law along them."""
+          head_std: float = 0.7, device: str = "cpu", tree: tuple[int, int] = (3, 6)):
+    """`draws` answers of n_tokens, their cycle counts, and the reference law along them. Kind "token-tree":
+    EventGPT's EAGLE-2 tree of depth k with `tree` = (top_k, nodes), verified by `decode_speculative_tree`."""
     pair = Pair(seed=3, noise=noise, head_std=head_std, device=device)  # a first token the draft can guess
     target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
     draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
@@ -126,8 +127,12 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
     for _ in range(draws):
         target.rewind(PROMPT_LENGTH)
         draft.rewind(PROMPT_LENGTH)
-        drafter = _drafter(kind, pair, draft, draft_prefill, target, k, draft_sampler)
-        result = decode_speculative(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
+        if kind == "token-tree":
+            drafter = TokenTreeDrafter(draft, pair.vocabulary, draft_sampler, k, *tree)
+            result = decode_speculative_tree(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
+        else:
+            drafter = _drafter(kind, pair, draft, draft_prefill, target, k, draft_sampler)
+            result = decode_speculative(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
         assert len(result.output_ids) == n_tokens
         answers.append(result.output_ids)
         prefetched += kind == "prefetched" and int(drafter.guesses[0]) == result.output_ids[0]
@@ -196,6 +201,53 @@ def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, 
     monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)
     control, control_reference, *_ = _draw(kind, k, spec, n_tokens, draws=200, device=device)
     assert _p_value(control, control_reference, pair, spec, k) < 1e-4, "the test must tell a wrong law apart"
+
+
+def _keep_first_children(logits, ids, parents, children, sampler):
+    """Negative control for trees: no acceptance test, down the first children to a leaf, then the target's token."""
+    path = [0]
+    while children[path[-1]]:
+        path.append(children[path[-1]][0])
+    kept = [int(ids[node]) for node in path[1:]]
+    return path, kept + [int(sampler.draw(sampler.probabilities(logits[path[-1]])))]
+
+
+TREE_CASES = [  # (depth, spec, (top_k, nodes), (draft noise, target head std)): flatter targets than the chains'
+    (2, SamplingSpec(0.9, top_p=0.8), (3, 6), (0.3, 0.25)),  # tests, so that later siblings are often kept
+    (3, SamplingSpec(1.3, top_k=5), (2, 7), (0.2, 0.35)),
+]
+
+
+@pytest.mark.parametrize("depth, spec, tree, pair_shape", TREE_CASES, ids=[f"depth{c[0]}-top{c[2][0]}" for c in TREE_CASES])
+def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tree, pair_shape, monkeypatch):
+    """EventGPT's draft tree verified by recursive rejection over siblings: every answer position and the first
+    depth + 1 tokens jointly follow the target's law. Every way down the tree ran often enough to matter: a first
+    child kept, a later sibling kept after the ones before it were rejected, every child rejected (the
+    target's token from what is left) and a leaf reached (its bonus), and ids the draft cannot propose.
+    Control: keeping the first child at every level without a test must fail."""
+    ways = {"first child kept": 0, "later sibling kept": 0, "every child rejected": 0, "leaf reached": 0}
+    accept_tree = decode_module._accept_tree
+
+    def recorded(logits, ids, parents, children, sampler):
+        path, kept = accept_tree(logits, ids, parents, children, sampler)
+        for parent, node in zip(path, path[1:]):
+            ways["first child kept" if children[parent][0] == node else "later sibling kept"] += 1
+        ways["every child rejected" if children[path[-1]] else "leaf reached"] += 1
+        return path, kept
+
+    monkeypatch.setattr(decode_module, "_accept_tree", recorded)
+    n_tokens = 2 * depth + 3
+    noise, head_std = pair_shape
+    answers, reference, paths, pair = _draw("token-tree", depth, spec, n_tokens, 400, noise=noise, head_std=head_std,
+                                            tree=tree)  # fmt: skip
+    ways["ids the draft cannot propose"] = paths["ids the draft cannot propose"]
+    for way, count in ways.items():
+        assert count >= 30, f"{way}: {count} times"
+    assert _p_value(answers, reference, pair, spec, depth) > 1e-3
+    monkeypatch.setattr(decode_module, "_accept_tree", _keep_first_children)
+    control, control_reference, *_ = _draw("token-tree", depth, spec, n_tokens, 200, noise=noise, head_std=head_std,
+                                           tree=tree)  # fmt: skip
+    assert _p_value(control, control_reference, pair, spec, depth) < 1e-4, "the test must tell a wrong law apart"
 
 
 def _proposals(kind: str, spec: SamplingSpec, k: int, draws: int):

@@ -11,9 +11,13 @@ One cycle (gpt-fast style):
 The only host synchronisation per cycle is reading the number accepted.
 
 Trees (EAGLE-2): a `TreeDrafter` proposes a tree instead of a chain; the target verifies all its
-drafts in one forward with tree attention (`LlamaEngine.step_tree`), keeps the longest path its
-argmax agrees with plus its own next token, and moves that path's K/V into place (`keep`).
-Greedy only so far; no pipeline method drafts trees yet (issue 14).
+drafts in one forward with tree attention (`LlamaEngine.step_tree`), keeps a path of drafts plus
+its own next token, and moves that path's K/V into place (`keep`). Greedy keeps the longest path
+its argmax agrees with. Sampling walks down by recursive rejection over siblings: a tree's drafts
+are chosen deterministically from the draft's scores, so each is a draft drawn from a point mass,
+accepted with probability p'(x) where p' is the target's law after its parent with the siblings
+rejected before it removed and renormalised; when every child is rejected the target's token is
+drawn from that p'. The token that comes out at each node therefore follows p exactly.
 
 Vocabularies: the draft proposes only ids both models share (`SharedVocabulary`: its
 logits are masked to them before the sampling spec applies); the target's distribution is
@@ -134,14 +138,11 @@ def decode_speculative(target: LlamaEngine, prefill: EngineOutput, drafter: Draf
 
 def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter: TreeDrafter, depth: int,
                             max_new_tokens: int, eos_token_id: int | None, sampler: Sampler) -> Decoded:  # fmt: skip
-    """Greedy tree verification: the target runs [last] + the draft tree in one forward (`step_tree`), keeps
-    the longest path of drafts each equal to its argmax after the parent, then its own token after the
-    path; the cache keeps the path (`keep`). Per-position counts are per tree depth 1..`depth` (the
-    drafter's trees are no deeper): depth d was reached when the path got to depth d - 1 and the tree
-    has a draft below it there.
+    """Tree verification: the target runs [last] + the draft tree in one forward (`step_tree`), keeps a path
+    of drafts (`_accept_tree`) and then its own token after the path; the cache keeps the path (`keep`).
+    Per-position counts are per tree depth 1..`depth` (the drafter's trees are no deeper): depth d was
+    reached when the path got to depth d - 1 and the tree has a draft below it there.
     """
-    if not sampler.greedy:
-        raise ValueError("tree verification is greedy only: sampling needs recursive rejection over siblings")
     tokens = [int(sampler.pick(prefill.logits[:, -1]))]
     result = Decoded(tokens, drafted_per_position=[0] * depth, reached_per_position=[0] * depth,
                      accepted_per_position=[0] * depth)  # fmt: skip
@@ -151,18 +152,14 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
         verify_ids = torch.cat([host_to_device([tokens[-1]], target.device), draft_ids.to(target.device)])
         nodes = [-1, *[parent + 1 for parent in parents]]  # node 0 is `last`, node j + 1 is draft j
         out = target.step_tree(verify_ids[None], nodes)
-        ids, choices = torch.stack([verify_ids, out.logits[0].argmax(-1)]).tolist()  # the one host sync of the cycle
-        depths, children = [0] * len(nodes), {node: [] for node in range(len(nodes))}
+        depths, children = [0] * len(nodes), [[] for _ in nodes]
         for node in range(1, len(nodes)):
             depths[node] = depths[nodes[node]] + 1
             children[nodes[node]].append(node)
         if max(depths) > depth:
             raise ValueError(f"the drafter proposed a tree of depth {max(depths)}, deeper than {depth}")
-        path = [0]  # walk down while a child is the target's argmax after its parent
-        while agreeing := [child for child in children[path[-1]] if ids[child] == choices[path[-1]]]:
-            path.append(agreeing[0])
-        kept = [ids[node] for node in path[1:]] + [choices[path[-1]]]
-        hidden = out.hidden[0, path].clone()  # the states whose argmax chose the kept tokens
+        path, kept = _accept_tree(out.logits[0], verify_ids, nodes, children, sampler)
+        hidden = out.hidden[0, path].clone()  # the states whose laws chose the kept tokens
         target.keep(path)
         inside = min(max(depths), len(_finish(kept, max_new_tokens - len(tokens), eos_token_id)))
         tokens += kept
@@ -177,6 +174,51 @@ def decode_speculative_tree(target: LlamaEngine, prefill: EngineOutput, drafter:
             result.accepted_per_position[level - 1] += int(level < len(path))
     result.output_ids = _finish(tokens, max_new_tokens, eos_token_id)
     return result
+
+
+def _accept_tree(logits: torch.Tensor, ids: torch.Tensor, parents: list[int], children: list[list[int]],
+                 sampler: Sampler) -> tuple[list[int], list[int]]:  # fmt: skip
+    """The accepted path (node indices from the root, node 0 = the last committed token) and the kept tokens
+    (the path's drafts, then the target's own token after it). Row i of `logits` [n, V] is the target's
+    prediction after node i; `children[i]` lists node i's children in the order they are tested.
+
+    Greedy: down to the child equal to the target's argmax while there is one. Sampling (module docstring):
+    at each node the children are tested in order, child x accepted with probability p'(x), where p' is
+    the target's law there with the siblings rejected before x removed and renormalised; if none is
+    accepted, the target's token is drawn from that last p'. One host synchronisation per walk, and
+    one for the token drawn.
+    """
+    if sampler.greedy:
+        host_ids, choices = torch.stack([ids, logits.argmax(-1)]).tolist()
+        path = [0]
+        while agreeing := [child for child in children[path[-1]] if host_ids[child] == choices[path[-1]]]:
+            path.append(agreeing[0])
+        return path, [host_ids[node] for node in path[1:]] + [choices[path[-1]]]
+    p = sampler.probabilities(logits)  # [n, V]
+    parent_rows = host_to_device([max(parent, 0) for parent in parents], p.device)
+    node_probs = p[parent_rows, ids]  # each node's token under the target's law after its parent
+    host_ids, node_probs, uniforms = torch.stack([ids.double(), node_probs.double(),
+                                                  sampler.uniform(len(parents), p.device).double()]).tolist()  # fmt: skip
+    path = [0]
+    while True:
+        accepted, rejected, remaining = None, [], 1.0  # p' is p / remaining outside the rejected ids
+        for child in children[path[-1]]:
+            if host_ids[child] in rejected:  # a repeated sibling: its mass is already out of p'
+                continue
+            if remaining > 0 and uniforms[child] * remaining < node_probs[child]:
+                accepted = child
+                break
+            remaining -= node_probs[child]
+            rejected.append(host_ids[child])
+        if accepted is None:  # a leaf, or every child rejected
+            break
+        path.append(accepted)
+    law = p[path[-1]]
+    if rejected:  # every child rejected: the target's token from p without them (p itself if rounding left none)
+        residual = law.index_fill(0, host_to_device([int(i) for i in rejected], p.device), 0.0)
+        law = torch.where(residual.sum() > 0, residual, law)
+    path_ids = [int(host_ids[node]) for node in path[1:]]
+    return path, path_ids + [int(sampler.draw(law))]
 
 
 def _accept(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor | None,

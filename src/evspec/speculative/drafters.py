@@ -55,20 +55,22 @@ class TokenDrafter:
 
 
 class TokenTreeDrafter:
-    """EventGPT drafts a tree (EAGLE-2's dynamic tree, greedy): `depth` levels, each the `top_k` children of
+    """EventGPT drafts a tree (EAGLE-2's dynamic tree): `depth` levels, each the `top_k` children of
     the level before with the highest cumulative draft log-probability, grown level by level on the
     draft's own engine (`LlamaEngine.step_tree(grow=True)`); then the `nodes` best of all, by the same
     score, are proposed. A child's score is below its parent's, so the best `nodes` include their
     ancestors. Its cache holds the committed tokens except `pending`, as `TokenDrafter`'s.
+
+    Under sampling the scores are the draft's warped log-probabilities and the tree stays a deterministic
+    function of them: its drafts are point masses, which recursive rejection verifies exactly
+    (`evspec.speculative.decode._accept_tree`).
     """
 
     def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, sampler: Sampler, depth: int, top_k: int,
                  nodes: int) -> None:  # fmt: skip
-        if not sampler.greedy:
-            raise ValueError("tree drafting is greedy only: sampling needs recursive rejection over siblings")
         if min(depth, top_k, nodes) < 1:
             raise ValueError(f"depth {depth}, top_k {top_k} and nodes {nodes} must be positive")
-        self.draft, self.vocabulary = draft, vocabulary
+        self.draft, self.vocabulary, self.sampler = draft, vocabulary, sampler
         self.depth, self.top_k, self.nodes = depth, top_k, nodes
         self.allowed = vocabulary.draft_mask_on(draft.device)
         self.pending: list[int] = []
@@ -77,7 +79,10 @@ class TokenTreeDrafter:
         self.pending = [first_token]
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().masked_fill(~self.allowed, float("-inf")).log_softmax(-1)
+        """The draft's log-probabilities over the shared ids, warped by the sampling spec when sampling (ids
+        the spec removes score -inf and are never proposed)."""
+        scores = logits.float().masked_fill(~self.allowed, float("-inf"))
+        return (scores if self.sampler.greedy else self.sampler.spec.warp(scores)).log_softmax(-1)
 
     def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
         out = self.draft.step(host_to_device([self.vocabulary.readable(self.pending)], self.draft.device))

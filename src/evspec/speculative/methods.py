@@ -8,7 +8,8 @@ the clock starts), each method answers from scratch:
     hf-assisted   transformers' assisted generation with the draft as `assistant_model`
     token         as target, then EventGPT (events -> its prompt -> prefill) drafts k per cycle
     token-tree    as token, but EventGPT drafts an EAGLE-2 tree of depth k (`tree_top_k` children per
-                  level, the `tree_nodes` best proposed), verified in one target forward (greedy only)
+                  level, the `tree_nodes` best proposed), verified in one target forward (when sampling,
+                  by recursive rejection over siblings)
     feature       as target, then the draft head (reading EventGPT's event tokens) drafts k
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
@@ -90,9 +91,6 @@ class SpecSettings:
         for method in set(self.methods) & set(DRAFTING):
             if not self.draft_lengths.get(method):
                 raise ValueError(f"draft_lengths needs a list of k for {method!r}")
-        if "token-tree" in self.methods and not self.sampling.greedy:
-            raise ValueError("token-tree verifies greedily only (sampling needs recursive rejection over siblings): "
-                             "set temperature 0 or drop token-tree from methods")  # fmt: skip
         if min(self.tree_top_k, self.tree_nodes) < 1:
             raise ValueError(f"tree_top_k ({self.tree_top_k}) and tree_nodes ({self.tree_nodes}) must be positive")
 
