@@ -162,7 +162,7 @@ def test_stage_timing_runs_on_cuda(tiny_pair_dir, tmp_path):
     parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
     frame = bench_stages(BenchSettings(device="cuda", repeats=2, warmup=1, verify_lengths=[2]),
                          {part: tiny_pair_dir / part for part in parts}, tmp_path / "stages.parquet")  # fmt: skip
-    assert {"vision", "vision_served", "prefill", "decode_step", "verify", "draft_head_token"} <= set(frame["stage"])
+    assert {"vision", "vision_served", "prefill", "decode_step", "verify", "tree_verify", "draft_head_token"} <= set(frame["stage"])
 
 
 # ---- the head engine and the prefill overlap on CUDA ------------------------------------------------------

@@ -65,6 +65,7 @@ def results(tmp_path):
                   ("video_llava", 8, "prefill", 0, 67.08),
                   ("video_llava", 8, "decode_step", 0, 8.0), ("video_llava", 8, "verify", 4, 10.0),
                   ("video_llava", 8, "draft_head_token", 4, 1.0), ("video_llava", 8, "decode_floor", 0, 4.84),
+                  ("video_llava", 8, "tree_verify", 32, 12.0),
                   ("eventgpt", 5, "decode_step", 0, 7.9)]]  # fmt: skip
     for row in stages:  # the head's size, which bench-stages records beside its timing
         if row["stage"] == "draft_head_token":
@@ -85,6 +86,7 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "| video_llava | 8 | 2075 | 1.800 | 7.49 | 0.16 | 7.20 | 67.08 | 8.00 | 4.840 |" in text["stages"]
     assert "202,000,000 parameters, 3.0% of the target's" in text["stages"] and "is 4.0% of Video-LLaVA-7B's" in text["stages"]
     assert "| 4 | 1.000 | 0.125 | 10.000 | 1.25 |" in text["stages"]  # c = 1.0 / 8.0, v = 10.0 / 8.0
+    assert "| 32 | 12.000 | 1.50 |" in text["stages"]  # a tree of 32 drafts verified in 12.0 ms, 12.0 / 8.0 steps
     # projection: E = 1 + .9 + .9*.889 + .9*.889*.875 + .9*.889*.875*.857 = 1 + .9 + .8 + .7 + .6 = 4.00 tokens
     # per cycle of 4 x 1.0 ms (head) + 10.0 ms (verify) at 8.0 ms per step: c = 0.125, v = 1.25, 4.0 / 1.75 = 2.29
     # (the independent formula at alpha = 0.8125 would say 3.44 tokens)

@@ -233,3 +233,15 @@ def test_drafts_past_the_answers_end_are_not_counted():
     assert len(result.output_ids) == 3 and result.target_forwards == 1
     assert (result.drafted, result.accepted) == (2, 2)
     assert result.drafted_per_position == result.reached_per_position == result.accepted_per_position == [1, 1, 0, 0]
+
+
+def test_stage_timing_times_every_stage_and_tree_verifies_on_the_cpu(tiny_pair_dir, tmp_path):
+    from evspec.bench.stages import BenchSettings, bench_stages, tree_parents
+
+    assert tree_parents(6) == [-1, 0, 0, 0, 0, 1, 1]  # [last] + 6 drafts: 4 under last, 2 under the first
+    parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
+    frame = bench_stages(BenchSettings(repeats=2, warmup=1, verify_lengths=[2], tree_sizes=[4, 9]),
+                         {part: tiny_pair_dir / part for part in parts}, tmp_path / "stages.parquet")  # fmt: skip
+    assert {"vision", "prefill", "decode_step", "verify", "tree_verify", "draft_head_token"} <= set(frame["stage"])
+    assert sorted(frame[frame["stage"] == "tree_verify"]["k"]) == [4, 9]
+    assert (frame["ms_median"] > 0).all()

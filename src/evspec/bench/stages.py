@@ -6,7 +6,8 @@ serving runs them (`vision_served`: one CUDA graph per pixel shape on GPU), LLM 
 the whole prompt and one decode step on the language engine that serving runs
 (`evspec.engine.llama`), and the step's physical floor (language-model weights + the context's
 K/V over the copy bandwidth measured here); for the target, the verify of k + 1 tokens and
-one draft-head token (a proposal of k by the head engine, / k). Timed by `evspec.timing`
+one draft-head token (a proposal of k by the head engine, / k), and the verify of [last] + a tree of 16,
+32 and 64 drafts in one forward (`LlamaEngine.step_tree`; EAGLE-2 verifies trees of this size). Timed by `evspec.timing`
 after warm-up, medians of repeats; the host-to-device copy of the pixels is timed separately
 and disk reads are not timed at all. Because these are the stage API's and the engine's
 calls, the tests that prove them equal to the monolithic models also prove this times the
@@ -57,6 +58,7 @@ class BenchSettings:
     video_llava_frames: list[int] = field(default_factory=lambda: [1, 8])
     text_tokens_7b: dict[str, int] = field(default_factory=lambda: {"eventgpt": 58, "video_llava": 19})
     verify_lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # k: the target verifies k + 1 tokens
+    tree_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])  # drafts in a tree verified with its root
     threads: int = 2
 
 
@@ -107,7 +109,7 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
     visual = stages.project(stages.encode_vision(torch.randn(n_images, 3, size, size, dtype=dtype, device=device)))
     ids = _prompt_ids("video_llava", stages, tokenizer, visual.shape[0], settings)
     longest = max(settings.verify_lengths)
-    engine = stages.engine(ids.shape[1] + longest + 8, compile=settings.compile)
+    engine = stages.engine(ids.shape[1] + max(longest, *settings.tree_sizes) + 8, compile=settings.compile)
     prefill = engine.prefill(stages.embed(ids, visual))
     token = prefill.logits[:, -1].argmax(-1).view(1, 1)
     length = ids.shape[1]
@@ -116,7 +118,12 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
         engine.step(token.expand(1, n))
         engine.rewind(length)
 
+    def tree_verify(n):  # [last] + n drafts in one forward with tree attention
+        engine.step_tree(token.expand(1, n + 1), tree_parents(n))
+        engine.rewind(length)
+
     measured = {("verify", k): timer(lambda k=k: verify(k + 1)) for k in settings.verify_lengths}
+    measured.update({("tree_verify", n): timer(lambda n=n: tree_verify(n)) for n in settings.tree_sizes})
     hidden = stages.lm_head.in_features
     head = (head or DraftHead(eagle_head_config(stages.language_model.config, draft_size))).to(device, dtype).eval()
     n_events = 582 if settings.scale == "7b" else 70
@@ -139,6 +146,12 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
     return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k,
                  **(sizes if stage == "draft_head_token" else {}))
             for (stage, k), times in measured.items()]  # fmt: skip
+
+
+def tree_parents(n_drafts: int, branching: int = 4) -> list[int]:
+    """Parents for `step_tree` of [last] + n drafts as a full `branching`-ary tree under `last` (node 0): what a
+    verify of that many tokens costs depends on their count, not on the tree's shape."""
+    return [-1] + [(node - 1) // branching for node in range(1, n_drafts + 1)]
 
 
 def eagle_head_config(language_config, event_size: int) -> HeadConfig:

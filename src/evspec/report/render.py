@@ -93,7 +93,7 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         return None
     stages = pd.read_parquet(path)
     order = ["vision", "projector", "prefill", "decode_step"]
-    per_model = stages[~stages["stage"].isin(["verify", "draft_head_token"])]
+    per_model = stages[~stages["stage"].isin(["verify", "tree_verify", "draft_head_token"])]
     table = per_model.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
     lengths = per_model.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
     table = table.merge(lengths, on=["model", "images"])
@@ -130,7 +130,8 @@ def _drafting_costs(stages: pd.DataFrame, costs: dict) -> dict | None:
     by_k = [{"k": k, "head_ms": costs["head_token_ms"].get(k), "verify_ms": verify_ms, "v": verify_ms / step,
              "c": costs["head_token_ms"][k] / step if k in costs["head_token_ms"] else None}
             for k, verify_ms in sorted(costs["verify_ms"].items())]  # fmt: skip
-    return {"target_step_ms": step, "head_parameters": int(sizes["head_parameters"]),
+    trees = [{"drafts": n, "verify_ms": ms, "v": ms / step} for n, ms in sorted(costs["tree_verify_ms"].items())]
+    return {"target_step_ms": step, "head_parameters": int(sizes["head_parameters"]), "trees": trees,
             "target_language_parameters": int(sizes["target_language_parameters"]),
             "head_share": sizes["head_parameters"] / sizes["target_language_parameters"],
             "eagle_head_share_at_7b": float(sizes["eagle_head_share_at_7b"]), "by_k": by_k}  # fmt: skip
@@ -166,7 +167,8 @@ def _step_costs(stages: pd.DataFrame) -> dict:
         return {int(r.k): float(r.ms_median) for r in stages[stages["stage"] == stage].itertuples()}
 
     return {"target_step_ms": median("video_llava", "decode_step"), "eventgpt_step_ms": median("eventgpt", "decode_step"),
-            "head_token_ms": per_k("draft_head_token"), "verify_ms": per_k("verify")}  # fmt: skip
+            "head_token_ms": per_k("draft_head_token"), "verify_ms": per_k("verify"),
+            "tree_verify_ms": per_k("tree_verify")}  # fmt: skip
 
 
 def projection(summary: dict, stages: dict) -> list[dict]:
