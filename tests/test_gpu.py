@@ -80,6 +80,13 @@ def test_speculative_sampling_follows_the_target_law_on_cuda_graphs(monkeypatch)
     test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cuda")
 
 
+def test_tree_sampling_follows_the_target_law_on_cuda_graphs(monkeypatch):
+    """The CPU distribution test of tree sampling (recursive rejection over siblings), on CUDA tree graphs."""
+    from test_sampling import TREE_CASES, test_tree_sampling_follows_the_target_law_at_every_position
+
+    test_tree_sampling_follows_the_target_law_at_every_position(*TREE_CASES[0], monkeypatch, device="cuda")
+
+
 # ---- every model stage of the pipeline on CUDA (the configuration `models.device: cuda` runs) ------------
 
 

@@ -219,7 +219,8 @@ TREE_CASES = [  # (depth, spec, (top_k, nodes), (draft noise, target head std)):
 
 
 @pytest.mark.parametrize("depth, spec, tree, pair_shape", TREE_CASES, ids=[f"depth{c[0]}-top{c[2][0]}" for c in TREE_CASES])
-def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tree, pair_shape, monkeypatch):
+def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tree, pair_shape, monkeypatch,
+                                                                device="cpu"):  # fmt: skip
     """EventGPT's draft tree verified by recursive rejection over siblings: every answer position and the first
     depth + 1 tokens jointly follow the target's law. Every way down the tree ran often enough to matter: a first
     child kept, a later sibling kept after the ones before it were rejected, every child rejected (the
@@ -239,14 +240,14 @@ def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tre
     n_tokens = 2 * depth + 3
     noise, head_std = pair_shape
     answers, reference, paths, pair = _draw("token-tree", depth, spec, n_tokens, 400, noise=noise, head_std=head_std,
-                                            tree=tree)  # fmt: skip
+                                            device=device, tree=tree)  # fmt: skip
     ways["ids the draft cannot propose"] = paths["ids the draft cannot propose"]
     for way, count in ways.items():
         assert count >= 30, f"{way}: {count} times"
     assert _p_value(answers, reference, pair, spec, depth) > 1e-3
     monkeypatch.setattr(decode_module, "_accept_tree", _keep_first_children)
     control, control_reference, *_ = _draw("token-tree", depth, spec, n_tokens, 200, noise=noise, head_std=head_std,
-                                           tree=tree)  # fmt: skip
+                                           device=device, tree=tree)  # fmt: skip
     assert _p_value(control, control_reference, pair, spec, depth) < 1e-4, "the test must tell a wrong law apart"
 
 
