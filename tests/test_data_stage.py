@@ -172,8 +172,11 @@ def test_cli_reports_bad_settings_by_key(tiny_world, tmp_path, caplog):
     assert code == 2 and "--windows.n_frames: expected int" in caplog.text
 
 
-def test_tensors_file_is_chunked_per_clip_and_compressed(built):
+def test_tensors_file_is_chunked_per_clip_compressed_and_checksummed(built):
     with h5py.File(built / "tensors.h5", "r") as handle:
-        dataset = handle["event_images"]
-        assert dataset.chunks == (1, *dataset.shape[1:])
-        assert dataset.id.get_create_plist().get_nfilters() == 1
+        for name in ("event_images", "frames", "frame_single"):
+            dataset = handle[name]
+            assert dataset.chunks == (1, *dataset.shape[1:])
+            plist = dataset.id.get_create_plist()
+            filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+            assert filters == {32004, h5py.h5z.FILTER_FLETCHER32}, name  # LZ4 (hdf5plugin's id) and Fletcher-32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -144,3 +145,37 @@ def test_a_draft_run_needs_the_targets_answers(tiny_pair_dir, tiny_data, tmp_pat
     with pytest.raises(InputError, match="teacher-forced"):
         extract_features("eventgpt", tiny_pair_dir / "draft", tiny_pair_dir / "draft_tokenizer", tiny_data,
                          tmp_path / "eventgpt.h5", SETTINGS)  # fmt: skip
+
+
+def test_a_flipped_byte_in_a_cache_is_an_error_naming_the_file_and_record(tmp_path):
+    """Every chunk carries a Fletcher-32 checksum: one byte changed inside the stored (compressed) hidden states
+    of one record is an InputError naming the cache, the record and the field, not different numbers."""
+    out = tmp_path / "cache.h5"
+    writer = FeatureWriter(out, {"model": "test"}, "float32")
+    rng = np.random.default_rng(0)
+    for sample_id in ("seq/a", "seq/b"):
+        writer.write(sample_id, {"answer_ids": np.arange(5), "hidden": rng.standard_normal((5, 64)).astype(np.float32)})
+    writer.finish(["seq/a", "seq/b"])
+    with h5py.File(out, "r") as handle:
+        chunk = handle["samples/seq~b/hidden"].id.get_chunk_info(0)
+    data = bytearray(out.read_bytes())
+    data[chunk.byte_offset + chunk.size // 2] ^= 0x40
+    out.write_bytes(bytes(data))
+    assert _records(out, ["seq/a"], ("answer_ids", "hidden"))[0]["answer_ids"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match=r"cache\.h5.*record 'seq/b', field 'hidden' is corrupt"):
+        _records(out, ["seq/b"], ("answer_ids", "hidden"))
+
+
+def test_non_finite_features_are_refused_when_written_and_when_read(tmp_path):
+    writer = FeatureWriter(tmp_path / "cache.h5", {"model": "test"}, "float16")
+    with pytest.raises(InputError, match=r"record 'seq/a', field 'hidden' holds 1 non-finite values"):
+        writer.write("seq/a", {"hidden": np.array([[1.0, 7e4]], dtype=np.float32)})  # beyond fp16: inf
+    writer.close()
+    old = tmp_path / "old.h5"  # a cache without checksums (an older evspec), with a NaN in it
+    with h5py.File(old, "w") as handle:
+        handle.attrs["fingerprint"] = json.dumps({"model": "test"})
+        group = handle.create_group("samples/seq~a")
+        group.create_dataset("hidden", data=np.array([[np.nan, 1.0]], dtype=np.float32))
+        group.attrs["complete"] = 1
+    with pytest.raises(InputError, match=r"old\.h5.*record 'seq/a', field 'hidden' holds 1 non-finite values"):
+        _records(old, ["seq/a"], ("hidden",))

@@ -1,4 +1,4 @@
-"""HDF5 helpers shared by every reader and writer: clear errors and one compression policy.
+"""HDF5 helpers shared by every reader and writer: clear errors, one compression and checksum policy.
 
 `hdf5plugin` is imported here, once, because DSEC files use Blosc+ZSTD and h5py can
 only decode them after the plugin registered its filters.
@@ -21,9 +21,11 @@ def blosc_zstd() -> hdf5plugin.Blosc:
     return hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
 
 
-def lz4() -> hdf5plugin.LZ4:
-    """Fast compression for image tensors that are read often."""
-    return hdf5plugin.LZ4()
+def lz4_checksummed() -> dict:
+    """What evspec's own caches are written with: fast LZ4 compression (tensors are read often) and a
+    Fletcher-32 checksum per chunk, which HDF5 verifies on every read, so a flipped byte in a cache is a
+    read error naming the file (`open_h5`) instead of different numbers."""
+    return {**hdf5plugin.LZ4(), "fletcher32": True}
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from evspec.atomic import atomic_output
 from evspec.data.clips import Clip, WindowSettings, assign_splits, plan_clips
 from evspec.data.recordings import DatasetSettings, Recording, list_sequences
 from evspec.events import eventgpt_images, read_dsec_window
-from evspec.h5 import lz4, open_h5
+from evspec.h5 import lz4_checksummed, open_h5
 from evspec.settings import to_json
 from evspec.world.scene import NUMBER_WORDS, QUESTION_TYPES, QUESTIONS, Scene, answer, scene_from_dict
 
@@ -147,7 +147,7 @@ class _TensorWriter:
         for name, array in arrays.items():
             if name not in self.handle:
                 self.handle.create_dataset(name, shape=(0, *array.shape), maxshape=(None, *array.shape),
-                                           dtype=np.uint8, chunks=(1, *array.shape), **lz4())  # fmt: skip
+                                           dtype=np.uint8, chunks=(1, *array.shape), **lz4_checksummed())  # fmt: skip
             dataset = self.handle[name]
             if dataset.shape[1:] != array.shape:
                 raise ValueError(f"{self.handle.filename}: {name} of {sample_id} has shape {array.shape}, "

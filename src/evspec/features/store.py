@@ -10,6 +10,9 @@ Layout of `features/{model}.h5`:
         vision      [K, P, D]       vision tower tokens (fields="all")
         attrs: complete = 1         written last: a group without it is a half-written record
 
+Every array is LZ4-compressed with a Fletcher-32 checksum per chunk and must be finite: a flipped byte
+or a NaN is an `InputError` naming the file, the record and the field, at write or at read.
+
 Records are written to `.{name}.partial` beside the final path and flushed one by one;
 a rerun after a kill reopens the partial file, drops half-written records, skips the
 complete ones and continues. Only a finished cache is renamed to the final name, so
@@ -31,7 +34,7 @@ import numpy as np
 from evspec.atomic import unwritable_error
 from evspec.errors import InputError
 from evspec.fingerprint import settings_digest
-from evspec.h5 import lz4, open_h5
+from evspec.h5 import lz4_checksummed, open_h5
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,9 @@ class FeatureWriter:
             group = self.handle["samples"].create_group(sample_key(sample_id))
             for name, array in arrays.items():
                 dtype = np.int32 if np.issubdtype(array.dtype, np.integer) else self.dtype
-                group.create_dataset(name, data=array.astype(dtype), chunks=array.shape or None, **lz4())
+                stored = array.astype(dtype)
+                require_finite(self.partial, sample_id, name, stored)  # an overflow stops here, named
+                group.create_dataset(name, data=stored, chunks=array.shape or None, **lz4_checksummed())
             self.handle.flush()
         except OSError as error:  # h5py reports a full disk as an OSError without errno
             raise InputError(self.partial, f"cannot write record {sample_id!r} (disk full?): {error}") from error
@@ -132,7 +137,23 @@ class FeatureReader:
                 missing = [f for f in fields if f not in group]
                 if missing:
                     raise InputError(self.path, f"record {sample_id!r} lacks {missing} (extracted with fewer fields?)")
-                yield {name: group[name][()] for name in fields}
+                record = {}
+                for name in fields:
+                    try:
+                        record[name] = group[name][()]
+                    except OSError as error:  # the chunk's checksum failed, or it does not decompress
+                        raise InputError(self.path, f"record {sample_id!r}, field {name!r} is corrupt "
+                                                    f"(checksum or decompression failed): {error}") from error  # fmt: skip
+                    require_finite(self.path, sample_id, name, record[name])
+                yield record
+
+
+def require_finite(path: Path, sample_id: str, name: str, array: np.ndarray) -> None:
+    """Float features must be finite: NaN or inf (an fp16 overflow, a corrupt older cache without checksums)
+    is an `InputError` naming the file, the record and the field."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise InputError(path, f"record {sample_id!r}, field {name!r} holds {bad} non-finite values")
 
 
 def check_fingerprint(path: Path, found: dict, expected: dict) -> None:
