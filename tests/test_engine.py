@@ -4,6 +4,8 @@ and the head engine's proposals equal the draft head's own training forward."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
@@ -306,3 +308,82 @@ def test_head_engine_walks_a_long_history_committed_at_once():
     engine.commit(tokens[1:].tolist(), hidden[1:])
     expected, _ = _reference_proposal(head, embed, lm_head, events, hidden, tokens, 3, SamplingSpec(), None)
     assert engine.propose(3)[0].tolist() == expected
+
+
+def _reference_tree(head, embed, lm_head, events, hidden, tokens, depth, top_k, nodes, spec):
+    """EAGLE-2's tree from the head's training forward, re-run for every node over its whole path (no cache):
+    a node is the pair (its parent's predicted state, its token); levels keep the top_k children of the level
+    before by cumulative log-probability (warped when sampling), then the `nodes` best and their ancestors."""
+    prefix = head.event_prefix(None if events is None else events[None])
+
+    def log_probs(state):
+        logits = lm_head(state)
+        logits = logits if head.draft_vocab is None else logits[head.draft_vocab]
+        return (logits if spec.greedy else spec.warp(logits)).float().log_softmax(-1)
+
+    root = head(hidden[None], embed(tokens)[None], prefix)[0, -1]
+    ids, parents, scores, paths = [], [], [], []  # paths: (hidden, tokens) of the sequence ending at the node
+    layer, rows = [-1], log_probs(root)[None]
+    for _ in range(depth):
+        best = rows.flatten().topk(min(top_k, rows.numel()))
+        vocab, previous, layer = rows.shape[-1], layer, []
+        for flat, score in zip(best.indices.tolist(), best.values.tolist()):
+            if score == float("-inf"):
+                continue
+            parent = previous[flat // vocab]
+            token = flat % vocab if head.draft_vocab is None else int(head.draft_vocab[flat % vocab])
+            before_hidden, before_tokens, parent_state = (hidden, tokens, root) if parent < 0 else paths[parent][:3]
+            layer.append(len(ids))
+            ids.append(token)
+            parents.append(parent)
+            scores.append(score)
+            path_hidden, path_tokens = torch.cat([before_hidden, parent_state[None]]), torch.cat([before_tokens, torch.tensor([token])])
+            paths.append((path_hidden, path_tokens, head(path_hidden[None], embed(path_tokens)[None], prefix)[0, -1]))
+        if not layer:
+            break
+        rows = torch.stack([scores[c] + log_probs(paths[c][2]) for c in layer])
+    chosen = sorted(sorted(range(len(ids)), key=lambda c: -scores[c])[:nodes])
+    ancestors = set()
+    for c in chosen:
+        while c >= 0:
+            ancestors.add(c)
+            c = parents[c]
+    chosen = sorted(ancestors)
+    index = {c: i for i, c in enumerate(chosen)}
+    return [ids[c] for c in chosen], [index.get(parents[c], -1) for c in chosen]
+
+
+@pytest.mark.parametrize("spec", [SamplingSpec(), SamplingSpec(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampling"])  # fmt: skip
+@pytest.mark.parametrize("use_events, draft_vocab", [(True, None), (False, None), (True, DRAFT_VOCAB)],
+                         ids=["events", "text-only", "draft-vocab"])  # fmt: skip
+@torch.no_grad()
+def test_head_engine_trees_equal_the_heads_own_forward(spec, use_events, draft_vocab):
+    """Every node of every tree (its token, its parent) is what the head's training forward over the node's
+    whole path gives, cycle after cycle of random commits and across a length bucket; a tree with top-k 1
+    is the chain `propose` drafts."""
+    head, embed, lm_head = _head(use_events, draft_vocab)
+    events = torch.randn(7, EVENT)
+    generator = torch.Generator().manual_seed(4)
+    engine = HeadEngine(head, embed, lm_head, max_events=7, max_answer=BUCKET + 40, max_k=8,
+                        sampler=Sampler(spec, torch.Generator().manual_seed(5)))  # fmt: skip
+    engine.load_events(events)
+    hidden, tokens = torch.randn(1, HIDDEN), torch.tensor([int(torch.randint(3, VOCAB, (1,)))])
+    engine.start(int(tokens[0]), hidden[0])
+    cycle = 0
+    while len(tokens) < BUCKET + 20:
+        depth, top_k, nodes = [(3, 2, 5), (2, 3, 6), (4, 2, 8), (2, 4, 3)][cycle % 4]
+        ids, parents = engine.draft_tree(depth, top_k, nodes)
+        expected = _reference_tree(head, embed, lm_head, events if use_events else None, hidden, tokens, depth, top_k,
+                                   nodes, spec)  # fmt: skip
+        assert (ids.tolist(), parents) == expected, cycle
+        m = int(torch.randint(1, depth + 2, (1,), generator=generator))  # the target kept m tokens
+        kept_hidden, kept = torch.randn(m, HIDDEN), torch.randint(3, VOCAB, (m,), generator=generator)
+        engine.commit(kept.tolist(), kept_hidden)
+        hidden, tokens = torch.cat([hidden, kept_hidden]), torch.cat([tokens, kept])
+        cycle += 1
+    if spec.greedy:  # top-k 1: one path, the chain's drafts
+        chain = copy.deepcopy(engine)
+        chain_ids, _ = chain.propose(3)
+        tree_ids, parents = engine.draft_tree(3, 1, 3)
+        assert (tree_ids.tolist(), parents) == (chain_ids.tolist(), [-1, 0, 1])

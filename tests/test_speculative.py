@@ -16,7 +16,7 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import HeadTreeDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.speculative.sampling import Sampler
 
 EOS = 2
@@ -159,6 +159,26 @@ def test_tree_counts_a_depth_reached_only_where_the_accepted_path_has_a_draft_be
         ([2, 1], [2, 0], [1, 0])  # fmt: skip
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_head_tree_drafts_are_lossless(seed):
+    """EAGLE-2 trees from the draft head's engine (with and without a draft vocabulary) leave the target's
+    answer unchanged, whatever the (random) head proposes."""
+    vocab = 60
+    target, _, _, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
+    for draft_vocab in (None, 16):
+        torch.manual_seed(seed)
+        head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32,
+                                    adapter_hidden_size=16, draft_vocab_size=draft_vocab))  # fmt: skip
+        if draft_vocab:
+            head.set_draft_vocab(torch.randperm(vocab)[:draft_vocab])
+        for depth, top_k, nodes in ((1, 3, 3), (3, 2, 5), (4, 3, 12)):
+            engine.rewind(ids.shape[1])
+            drafter = HeadTreeDrafter(_head_engine(head, target, depth * top_k), depth, top_k, nodes)
+            result = decode_speculative_tree(engine, prefill, drafter, depth, 24, EOS, Sampler())
+            assert result.output_ids == reference, (draft_vocab, depth, top_k, nodes)
+            assert result.drafted > 0 and len(result.drafted_per_position) == depth
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_eventgpt_tree_drafts_are_lossless_and_a_perfect_draft_fills_every_level(seed):
     """EAGLE-2 trees from EventGPT's engine (levels grown on its own tree cache) leave the target's answer
@@ -193,15 +213,16 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     torch.manual_seed(0)
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train", tree_top_k=2, tree_nodes=5,
-                            methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature", "prefill"),
+                            methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature",
+                                     "feature-tree", "prefill"),
                             draft_lengths={"hf-assisted": [2], "token": [1, 3], "token-tree": [3], "feature": [2],
-                                           "prefill": [2]})  # fmt: skip
+                                           "feature-tree": [2], "prefill": [2]})  # fmt: skip
     embeddings = pair.draft.get_input_embeddings()
     frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
     assert pair.draft.get_input_embeddings() is embeddings  # transformers' assisted decoding left EventGPT whole
     target = frames["target"].set_index("sample_id")
     assert len(target) == 3 and (target["status"] == "ok").all()
-    for method in ("hf-generate", "token", "token-tree", "feature", "prefill"):
+    for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "prefill"):
         rows = frames[method]
         assert (rows["status"] == "ok").all() and rows["exact_match"].all(), method
         assert set(rows["k"]) == {0} if method == "hf-generate" else True
@@ -219,7 +240,8 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
     assert entries[("target", 0)]["speedup_median"] == 1.0
     assert "predicted_decode_speedup" in entries[("token", 3)]
-    assert "predicted_decode_speedup" in entries[("token-tree", 3)] and entries[("token-tree", 3)]["verify_ratio"] > 0
+    for tree in (("token-tree", 3), ("feature-tree", 2)):
+        assert "predicted_decode_speedup" in entries[tree] and entries[tree]["verify_ratio"] > 0, tree
 
 
 def test_drafts_past_the_answers_end_are_not_counted():

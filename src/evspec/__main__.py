@@ -79,7 +79,7 @@ def _speculate(args: argparse.Namespace) -> None:
                      settings.device, settings.draft_device, settings.draft_pixel_dtype,
                      settings.draft_vision_tower)  # fmt: skip
     head = None
-    if "feature" in settings.methods:
+    if settings.needs_head:
         head = load_head(args.adapter_dir / "head.safetensors").to(settings.device, DTYPES[settings.dtype])
     speculate(pair, head, args.data_dir, settings, args.shard, args.n_shards, args.out_dir)
 

@@ -96,16 +96,7 @@ class HeadEngine:
         """k draft ids [k] and, when sampling, their distributions [k, V]: the graph's outputs, read before the next call."""
         if not 1 <= k <= self.max_k:
             raise ValueError(f"k = {k} outside 1..{self.max_k} (the engine's max_k)")
-        hidden, tokens = self.pending
-        if len(tokens) > k + 1:  # more pairs than slots: cache the older ones first (eagerly)
-            self._cache_pairs(hidden[: -(k + 1)], tokens[: -(k + 1)])
-            hidden, tokens = hidden[-(k + 1) :], tokens[-(k + 1) :]
-        m = len(tokens)
-        if self.length + m + 2 * k > self.capacity:
-            raise ValueError(f"head cache of {self.capacity} positions is full ({self.length} + {m} + {2 * k})")
-        self.slot_hidden[:m].copy_(hidden)
-        self.slot_tokens[:m].copy_(host_to_device(tokens, self.device))
-        self.count.fill_(m)
+        m = self._fill_slots(k + 1, 2 * k)
         if not self.sampler.greedy:
             self.uniforms[:k].copy_(self.sampler.uniform(k, self.device))
         attended = bucket_end(self.length + m + k, self.capacity)
@@ -116,16 +107,40 @@ class HeadEngine:
         self.pending = None
         return out
 
-    def _propose(self, k: int, attended: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The proposal (see the module docstring); reads the slots, `count`, `position` and `uniforms`."""
-        x, normed = self.head.inputs(self.slot_hidden[None, : k + 1], self._embed(self.slot_tokens[: k + 1]))
-        q = self._write(normed, self.position + self.offsets[: k + 1])
+    def _fill_slots(self, slots: int, room: int) -> int:
+        """The pending pairs into the first of `slots` slots (older ones cached first); checks the cache has
+        `room` more positions past them. Returns their count."""
+        hidden, tokens = self.pending
+        if len(tokens) > slots:  # more pairs than slots: cache the older ones first (eagerly)
+            self._cache_pairs(hidden[:-slots], tokens[:-slots])
+            hidden, tokens = hidden[-slots:], tokens[-slots:]
+        m = len(tokens)
+        if self.length + m + room > self.capacity:
+            raise ValueError(f"head cache of {self.capacity} positions is full ({self.length} + {m} + {room})")
+        self.slot_hidden[:m].copy_(hidden)
+        self.slot_tokens[:m].copy_(host_to_device(tokens, self.device))
+        self.count.fill_(m)
+        return m
+
+    def _state_after_pairs(self, slots: int, attended: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the pairs in the first `slots` slots (those past `count` land past the committed
+        length, to be overwritten), and the head's state [1, 1, H] at the last pair, with its position."""
+        x, normed = self.head.inputs(self.slot_hidden[None, :slots], self._embed(self.slot_tokens[:slots]))
+        q = self._write(normed, self.position + self.offsets[:slots])
         last = self.count - 1
         query_position = self.position + last
-        state = self._block(x.index_select(1, last), q.index_select(2, last), query_position, attended)
+        return self._block(x.index_select(1, last), q.index_select(2, last), query_position, attended), query_position
+
+    def _logits(self, state: torch.Tensor) -> torch.Tensor:
+        """[rows, V or draft vocab] for states [1, rows, H], through the lm_head rows drafting reads."""
+        return matvec.linear(state.to(self.draft_lm_head.dtype), self.draft_lm_head)[0]
+
+    def _propose(self, k: int, attended: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The proposal (see the module docstring); reads the slots, `count`, `position` and `uniforms`."""
+        state, query_position = self._state_after_pairs(k + 1, attended)
         ids, probs = [], []
         for j in range(k):
-            logits = matvec.linear(state.to(self.draft_lm_head.dtype), self.draft_lm_head)[0]  # [1, V or draft vocab]
+            logits = self._logits(state)  # [1, V or draft vocab]
             if self.sampler.greedy:
                 token, q = logits.argmax(-1), None
             else:
@@ -141,6 +156,74 @@ class HeadEngine:
                 x, normed = self.head.inputs(state, self._embed(token))
                 state = self._block(x, self._write(normed, query_position), query_position, attended)
         return torch.cat(ids), (torch.cat(probs) if probs[0] is not None else None)
+
+    @torch.no_grad()
+    def draft_tree(self, depth: int, top_k: int, nodes: int) -> tuple[torch.Tensor, list[int]]:
+        """An EAGLE-2 tree of drafts: `depth` levels, each the `top_k` children of the level before with the
+        highest cumulative log-probability (the sampling spec's warped law when sampling: the tree is a
+        deterministic function of it), then the `nodes` best of all; ids [n] (target ids) and each one's
+        parent (-1: the last committed token; parents first), as `evspec.speculative.decode.TreeDrafter`.
+
+        Eager and driven from the host level by level (one read per level). A node reads the pair (its
+        parent's predicted state, its token) and attends to the committed cache and its ancestors; its K/V
+        go past the committed length, where the next proposal overwrites them.
+        """
+        if not 1 <= depth * top_k <= self.max_k:
+            raise ValueError(f"a tree of depth {depth} x top-k {top_k} needs max_k >= {depth * top_k}")
+        m = self._fill_slots(self.max_k + 1, self.max_k + depth * top_k)
+        attended = bucket_end(self.length + self.max_k + 1 + depth * top_k, self.capacity)
+        state, _ = self._state_after_pairs(m, attended)
+        self.length += m
+        self.position.fill_(self.length)
+        self.pending = None
+        tokens, parents, scores = [], [], []  # the candidates, level by level
+        fed: list[int] = []  # the candidates fed to the head, in cache-slot order
+        ancestry: dict[int, list[int]] = {-1: []}  # candidate -> the slots of its fed ancestors and itself
+        layer, level_scores, states = [-1], self._log_probs(state[0]), state  # children of the last committed token
+        for level in range(depth):
+            if level:  # the head reads the level before, for that level's children
+                slots = [self.length + len(fed) + i for i in range(len(layer))]
+                for candidate, slot in zip(layer, slots):
+                    ancestry[candidate] = ancestry[parents[candidate]] + [slot]
+                fed += layer
+                parent_states = states[:, [layer_index[parents[c]] for c in layer]]
+                ids = host_to_device([tokens[c] for c in layer], self.device)
+                if self.draft_vocab is not None:  # positions in the draft vocabulary -> target ids
+                    ids = self.draft_vocab[ids]
+                x, normed = self.head.inputs(parent_states, self._embed(ids))
+                q = self._write(normed, host_to_device(slots, self.device))
+                visible = self.key_positions[None, :attended] < self.length  # the committed cache ...
+                allowed = torch.zeros(len(layer), attended, dtype=torch.bool)
+                for row, candidate in enumerate(layer):
+                    allowed[row, ancestry[candidate]] = True  # ... and the node's ancestors in the tree
+                visible = visible | host_to_device(allowed, self.device)
+                keys, values = self.keys[:, :, :attended], self.values[:, :, :attended]
+                states = self.head.after_attention(x, attend(q, keys, values, additive_mask(visible, self.dtype), "fused"))
+                cumulative = torch.tensor([scores[c] for c in layer], device=self.device)[:, None]
+                level_scores = cumulative + self._log_probs(states[0])
+            layer_index = {candidate: row for row, candidate in enumerate(layer)}
+            best = level_scores.flatten().topk(min(top_k, level_scores.numel()))
+            vocab, previous, layer = level_scores.shape[-1], layer, []
+            for flat, score in zip(best.indices.tolist(), best.values.tolist()):
+                if score > float("-inf"):  # fewer ids than top_k have mass (top-k or top-p sampling)
+                    layer.append(len(tokens))
+                    tokens.append(flat % vocab)
+                    parents.append(previous[flat // vocab])
+                    scores.append(score)
+            if not layer:
+                break
+        chosen = sorted(sorted(range(len(tokens)), key=lambda c: -scores[c])[:nodes])  # parents before children
+        chosen = sorted({a for c in chosen for a in _ancestors(c, parents)})  # ties can drop an ancestor
+        index = {c: i for i, c in enumerate(chosen)}
+        ids = torch.tensor([tokens[c] for c in chosen])
+        if self.draft_vocab is not None:  # positions in the draft vocabulary -> target ids
+            ids = self.draft_vocab.cpu()[ids]
+        return ids, [index.get(parents[c], -1) for c in chosen]
+
+    def _log_probs(self, states: torch.Tensor) -> torch.Tensor:
+        """Drafting's log-probabilities [rows, V or draft vocab] of states [rows, H] (warped when sampling)."""
+        logits = self._logits(states[None]).float()
+        return (logits if self.sampler.greedy else self.sampler.spec.warp(logits)).log_softmax(-1)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)[None].to(self.dtype)
@@ -163,3 +246,12 @@ class HeadEngine:
         self._write(normed, self.position + torch.arange(len(tokens), device=self.device))
         self.length += len(tokens)
         self.position.fill_(self.length)
+
+
+def _ancestors(candidate: int, parents: list[int]) -> list[int]:
+    """The candidate and its ancestors (parents index earlier candidates; -1 is the root)."""
+    path = []
+    while candidate >= 0:
+        path.append(candidate)
+        candidate = parents[candidate]
+    return path

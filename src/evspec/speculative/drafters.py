@@ -12,6 +12,7 @@ import torch
 
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.engine.kernels import host_to_device
+from evspec.engine.head import HeadEngine
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler
 
@@ -188,3 +189,21 @@ class PrefetchedDrafter(TokenDrafter):
             raise ValueError(f"drafted {len(self.proposed)} ahead but asked for {k}: draft ahead with the same k")
         self.prefetched = False
         return torch.stack(self.proposed), self.guess_probs
+
+
+class HeadTreeDrafter:
+    """The draft head drafting EAGLE-2 trees (`HeadEngine.draft_tree`): a `TreeDrafter` over the head engine."""
+
+    def __init__(self, engine: HeadEngine, depth: int, top_k: int, nodes: int) -> None:
+        if min(depth, top_k, nodes) < 1:
+            raise ValueError(f"depth {depth}, top_k {top_k} and nodes {nodes} must be positive")
+        self.engine, self.depth, self.top_k, self.nodes = engine, depth, top_k, nodes
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        self.engine.start(first_token, first_hidden)
+
+    def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
+        return self.engine.draft_tree(self.depth, self.top_k, self.nodes)
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        self.engine.commit(tokens, hidden)

@@ -11,6 +11,7 @@ the clock starts), each method answers from scratch:
                   level, the `tree_nodes` best proposed), verified in one target forward (when sampling,
                   by recursive rejection over siblings)
     feature       as target, then the draft head (reading EventGPT's event tokens) drafts k
+    feature-tree  as feature, but the head drafts an EAGLE-2 tree of depth k (the same tree settings)
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
 
@@ -44,13 +45,15 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
-from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import HeadTreeDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.sampling import Sampler, SamplingSpec
 from evspec.timing import Stopwatch, median_ms
 
-DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "prefill")
-OWN_DRAFTERS = ("token", "token-tree", "feature", "prefill")  # the methods whose unit costs (c, v) are measured
+DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "prefill")
+OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "prefill")  # whose unit costs (c, v) are measured
+TREES = ("token-tree", "feature-tree")  # methods that draft trees: k is the depth
+HEAD_METHODS = ("feature", "feature-tree")  # methods that need the trained draft head
 COST_REPEATS = 10  # timed repeats of each unit cost (after one warm-up)
 
 
@@ -102,10 +105,13 @@ class SpecSettings:
     def longest_draft(self) -> int:
         """The most tokens a cycle adds to either cache past the committed ones (a chain's k, a tree's size)."""
         longest = max((max(ks) for method, ks in self.draft_lengths.items() if method in self.methods), default=1)
-        if "token-tree" in self.methods:
-            depth = max(self.draft_lengths["token-tree"])
-            longest = max(longest, self.tree_nodes + 1, depth * self.tree_top_k)
+        for method in set(TREES) & set(self.methods):
+            longest = max(longest, self.tree_nodes + 1, max(self.draft_lengths[method]) * self.tree_top_k)
         return longest
+
+    @property
+    def needs_head(self) -> bool:
+        return bool(set(HEAD_METHODS) & set(self.methods))
 
 
 @dataclass
@@ -184,10 +190,13 @@ class Engines:
         return TokenTreeDrafter(self.draft_engine, self.vocabulary, self.draft_sampler, depth, self.settings.tree_top_k,
                                 self.settings.tree_nodes)  # fmt: skip
 
+    def head_tree_drafter(self, clip: Clip, depth: int) -> HeadTreeDrafter:
+        return HeadTreeDrafter(self.head_drafter(clip), depth, self.settings.tree_top_k, self.settings.tree_nodes)
+
     def head_drafter(self, clip: Clip) -> HeadEngine:
         """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
         if self.head_engine is None:
-            raise ValueError("the feature method needs a trained draft head")
+            raise ValueError("the feature methods need a trained draft head")
         self.head_engine.load_events(self.draft.visual_tokens(clip.events))
         return self.head_engine
 
@@ -223,11 +232,12 @@ class Engines:
     def unit_costs(self, method: str, clip: Clip, k: int, repeats: int = COST_REPEATS) -> dict[str, float]:
         """The cost model's units (ms, medians; `evspec.speculative.cost`): one target step, one verify of
         k + 1 tokens, and one draft token = one proposal of k drafts (with its commit of one token) / k.
-        For token-tree (k = the depth): a proposal of a tree / k, and the verify of [last] + that tree."""
+        For the tree methods (k = the depth): a proposal of a tree / k, and the verify of [last] + that tree."""
         prefill = self.target_prefill(clip)
         token = prefill.logits[:, -1].argmax(-1)
-        tree = method == "token-tree"
-        drafters = {"feature": self.head_drafter, "token-tree": lambda c: self.token_tree_drafter(c, k)}
+        tree = method in TREES
+        drafters = {"feature": self.head_drafter, "token-tree": lambda c: self.token_tree_drafter(c, k),
+                    "feature-tree": lambda c: self.head_tree_drafter(c, k)}
         drafter = drafters.get(method, self.token_drafter)(clip)
         drafter.start(int(token), prefill.hidden[0, -1])
         hidden = prefill.hidden[0, -1:].clone()
@@ -330,6 +340,7 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "token": _with_drafter(lambda engines, clip, k: engines.token_drafter(clip)),
     "token-tree": _with_drafter(Engines.token_tree_drafter),
     "feature": _with_drafter(lambda engines, clip, k: engines.head_drafter(clip)),
+    "feature-tree": _with_drafter(Engines.head_tree_drafter),
     "prefill": _prefill,
     DRAFT_ALONE: _draft_alone,
 }

@@ -45,8 +45,8 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
     and out_dir/lossless/shard-{shard}.parquet (the sampling draws; empty when greedy)."""
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)  # transformers' generate samples from the global stream
-    if "feature" in settings.methods and head is None:
-        raise InputError("--adapter-dir", "the feature method needs the trained draft head (head.safetensors)")
+    if settings.needs_head and head is None:
+        raise InputError("--adapter-dir", "the feature methods need the trained draft head (head.safetensors)")
     if not 0 <= shard < n_shards:
         raise InputError("--shard", f"shard {shard} is outside 0..{n_shards - 1}")
     split = _split_clips(data_dir, settings)
