@@ -4,6 +4,8 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from evspec.config_checks import check_config
+
 min_version("9.0")
 
 PROJECT = Path(workflow.basedir)
@@ -13,6 +15,7 @@ configfile: "config/config.yaml"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+check_config(config)  # the rules across keys, before any job
 
 
 include: "workflow/rules/common.smk"

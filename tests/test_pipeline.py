@@ -98,6 +98,12 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
         ({"windows": {"event_window_ms": 150}}, r"150 is greater than the maximum of 99[\s\S]*event_window_ms"),
         ({"dataset": {"kind": "dsec"}}, r"'' should be non-empty[\s\S]*\['dataset'\]\['root'\]"),
         ({"world": {"n_sequence": 3}}, r"Additional properties are not allowed \('n_sequence' was unexpected\)"),
+        # rules across keys (evspec.config_checks)
+        ({"windows": {"clip_overlap_ms": 500}}, r"windows.clip_overlap_ms \(500\) must be below windows.clip_duration_ms \(500\)"),
+        ({"windows": {"clip_duration_ms": 40, "clip_overlap_ms": 0, "event_window_ms": 60}},
+         r"windows.event_window_ms \(60\) must fit in windows.clip_duration_ms \(40\)"),
+        ({"world": {**TINY_CONFIG["world"], "duration_s": 0.2}}, r"world.duration_s \(0.2\) is shorter than one clip"),
+        ({"split": {"fractions": {"train": 0, "test": 0}}}, r"split.fractions gives no sequences to train and test"),
     ],
 )
 def test_invalid_config_fails_before_any_job_with_key_and_reason(tmp_path, change, message):
@@ -105,6 +111,26 @@ def test_invalid_config_fails_before_any_job_with_key_and_reason(tmp_path, chang
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_config_check_names_every_broken_rule_across_keys():
+    """All broken rules in one message (a user fixes them in one go), a drafting method without draft lengths
+    among them; the shipped configs pass."""
+    from snakemake.utils import update_config, validate
+
+    from evspec.config_checks import check_config
+    from evspec.errors import InputError
+
+    schema = str(PROJECT / "workflow" / "schemas" / "config.schema.yaml")
+    for name in ("config.yaml", "sampling.yaml", "dsec.yaml"):
+        config = yaml.safe_load((PROJECT / "config" / "config.yaml").read_text())
+        update_config(config, yaml.safe_load((PROJECT / "config" / name).read_text()))  # as --configfile merges
+        validate(config, schema)  # fills the schema's defaults, as the Snakefile's validate does
+        check_config(config)
+    config["windows"]["clip_overlap_ms"] = config["windows"]["clip_duration_ms"]
+    config["speculative"]["draft_lengths"].pop("feature-tree")
+    with pytest.raises(InputError, match=r"clip_overlap_ms .* must be below[\s\S]*draft_lengths needs a list of k for \['feature-tree'\]"):
+        check_config(config)
 
 
 @pytest.mark.slow

@@ -47,13 +47,10 @@ from evspec.models.toy import ModelPair
 from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
 from evspec.speculative.drafters import HeadTreeDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.speculative.lossless import DRAFT_ALONE
+from evspec.speculative.names import DRAFTING, HEAD_METHODS, TREES
 from evspec.speculative.sampling import Sampler, SamplingSpec
 from evspec.timing import Stopwatch, median_ms
 
-DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "prefill")
-OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "prefill")  # whose unit costs (c, v) are measured
-TREES = ("token-tree", "feature-tree")  # methods that draft trees: k is the depth
-HEAD_METHODS = ("feature", "feature-tree")  # methods that need the trained draft head
 COST_REPEATS = 10  # timed repeats of each unit cost (after one warm-up)
 
 

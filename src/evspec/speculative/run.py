@@ -34,7 +34,8 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.lossless import DRAFT_ALONE
-from evspec.speculative.methods import DRAFTING, OWN_DRAFTERS, Clip, Engines, SpecSettings
+from evspec.speculative.methods import Clip, Engines, SpecSettings
+from evspec.speculative.names import DRAFTING, OWN_DRAFTERS
 
 log = logging.getLogger(__name__)
 

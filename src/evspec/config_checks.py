@@ -1,0 +1,40 @@
+"""Rules across config keys, checked by the Snakefile before any job runs.
+
+The schema (workflow/schemas/config.schema.yaml) checks each key alone; these rules relate keys,
+and without them a bad combination fails only inside a job, after the jobs before it ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from evspec.errors import InputError
+from evspec.speculative.names import DRAFTING
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Every cross-key rule; one `InputError` naming each broken rule's keys (the schema's defaults filled in)."""
+    problems = []
+    windows = config["windows"]
+    duration, overlap, event_window = windows["clip_duration_ms"], windows["clip_overlap_ms"], windows["event_window_ms"]
+    if overlap >= duration:
+        problems.append(f"windows.clip_overlap_ms ({overlap}) must be below windows.clip_duration_ms ({duration}), "
+                        f"or consecutive clips would not advance")  # fmt: skip
+    if event_window > duration:
+        problems.append(f"windows.event_window_ms ({event_window}) must fit in windows.clip_duration_ms ({duration}): "
+                        f"the events are the clip's last milliseconds")  # fmt: skip
+    if config["dataset"]["kind"] == "synthetic" and config["world"]["duration_s"] * 1000 < duration:
+        problems.append(f"world.duration_s ({config['world']['duration_s']}) is shorter than one clip "
+                        f"(windows.clip_duration_ms = {duration}): no recording would hold a clip")  # fmt: skip
+    fractions = config["split"]["fractions"]
+    empty = [name for name in ("train", "test") if fractions.get(name, 0) <= 0]
+    if empty:
+        problems.append(f"split.fractions gives no sequences to {' and '.join(empty)} ({dict(fractions)})")
+    speculative = config["speculative"]
+    lengths = speculative.get("draft_lengths", {})
+    missing = [method for method in speculative["methods"] if method in DRAFTING and not lengths.get(method)]
+    if missing:
+        problems.append(f"speculative.draft_lengths needs a list of k for {missing} (speculative.methods runs them)")
+    if problems:
+        raise InputError("config", "; ".join(problems))
