@@ -32,6 +32,7 @@ from evspec.engine import matvec
 from evspec.engine.kernels import (COMPILE_OPTIONS, Graphs, additive_mask, attend, bucket_end, host_to_device,
                                    round_capacity)
 from evspec.speculative.sampling import Sampler, inverse_cdf
+from evspec.speculative.trees import best_nodes, expand_level
 
 
 class HeadEngine:
@@ -202,18 +203,10 @@ class HeadEngine:
                 cumulative = torch.tensor([scores[c] for c in layer], device=self.device)[:, None]
                 level_scores = cumulative + self._log_probs(states[0])
             layer_index = {candidate: row for row, candidate in enumerate(layer)}
-            best = level_scores.flatten().topk(min(top_k, level_scores.numel()))
-            vocab, previous, layer = level_scores.shape[-1], layer, []
-            for flat, score in zip(best.indices.tolist(), best.values.tolist()):
-                if score > float("-inf"):  # fewer ids than top_k have mass (top-k or top-p sampling)
-                    layer.append(len(tokens))
-                    tokens.append(flat % vocab)
-                    parents.append(previous[flat // vocab])
-                    scores.append(score)
+            layer = expand_level(level_scores, layer, top_k, tokens, parents, scores)
             if not layer:
                 break
-        chosen = sorted(sorted(range(len(tokens)), key=lambda c: -scores[c])[:nodes])  # parents before children
-        chosen = sorted({a for c in chosen for a in _ancestors(c, parents)})  # ties can drop an ancestor
+        chosen = best_nodes(parents, scores, nodes)
         index = {c: i for i, c in enumerate(chosen)}
         ids = torch.tensor([tokens[c] for c in chosen])
         if self.draft_vocab is not None:  # positions in the draft vocabulary -> target ids
@@ -246,12 +239,3 @@ class HeadEngine:
         self._write(normed, self.position + torch.arange(len(tokens), device=self.device))
         self.length += len(tokens)
         self.position.fill_(self.length)
-
-
-def _ancestors(candidate: int, parents: list[int]) -> list[int]:
-    """The candidate and its ancestors (parents index earlier candidates; -1 is the root)."""
-    path = []
-    while candidate >= 0:
-        path.append(candidate)
-        candidate = parents[candidate]
-    return path

@@ -15,6 +15,7 @@ from evspec.engine.kernels import host_to_device
 from evspec.engine.head import HeadEngine
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler
+from evspec.speculative.trees import best_nodes, expand_level
 
 
 def _stacked(ids: list[torch.Tensor], probs: list[torch.Tensor | None]):
@@ -98,29 +99,13 @@ class TokenTreeDrafter:
                 self.fed.update({c: len(self.fed) for c in layer})
                 cumulative = torch.tensor([scores[c] for c in layer], device=out.logits.device)[:, None]
                 level_scores = cumulative + self._log_probs(out.logits[0])
-            best = level_scores.flatten().topk(min(self.top_k, level_scores.numel()))
-            vocab, previous, layer = level_scores.shape[-1], layer, []
-            for flat, score in zip(best.indices.tolist(), best.values.tolist()):
-                if score > float("-inf"):  # fewer shared ids than top_k
-                    layer.append(len(tokens))
-                    tokens.append(flat % vocab)
-                    parents.append(previous[flat // vocab])
-                    scores.append(score)
+            layer = expand_level(level_scores, layer, self.top_k, tokens, parents, scores)
             if not layer:
                 break
-        chosen = sorted(sorted(range(len(tokens)), key=lambda c: -scores[c])[: self.nodes])  # parents first
-        chosen = sorted({a for c in chosen for a in self._ancestry(c, parents)})  # ties can drop an ancestor
+        chosen = best_nodes(parents, scores, self.nodes)
         index = {c: i for i, c in enumerate(chosen)}
         self.tree = [(tokens[c], index.get(parents[c], -1), c) for c in chosen]  # (token, parent, candidate)
         return torch.tensor([t for t, _, _ in self.tree]), [p for _, p, _ in self.tree]
-
-    @staticmethod
-    def _ancestry(candidate: int, parents: list[int]) -> list[int]:
-        path = []
-        while candidate >= 0:
-            path.append(candidate)
-            candidate = parents[candidate]
-        return path
 
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
         """Keep the accepted drafts the draft has read (a path from its tree's root); the rest are pending."""
