@@ -171,8 +171,8 @@ class HeadEngine:
         """
         if not 1 <= depth * top_k <= self.max_k:
             raise ValueError(f"a tree of depth {depth} x top-k {top_k} needs max_k >= {depth * top_k}")
-        m = self._fill_slots(self.max_k + 1, self.max_k + depth * top_k)
-        attended = bucket_end(self.length + self.max_k + 1 + depth * top_k, self.capacity)
+        m = self._fill_slots(self.max_k + 1, depth * top_k)
+        attended = bucket_end(self.length + m + depth * top_k, self.capacity)
         state, _ = self._state_after_pairs(m, attended)
         self.length += m
         self.position.fill_(self.length)
@@ -198,8 +198,7 @@ class HeadEngine:
                 for row, candidate in enumerate(layer):
                     allowed[row, ancestry[candidate]] = True  # ... and the node's ancestors in the tree
                 visible = visible | host_to_device(allowed, self.device)
-                keys, values = self.keys[:, :, :attended], self.values[:, :, :attended]
-                states = self.head.after_attention(x, attend(q, keys, values, additive_mask(visible, self.dtype), "fused"))
+                states = self._attend(x, q, visible, attended)
                 cumulative = torch.tensor([scores[c] for c in layer], device=self.device)[:, None]
                 level_scores = cumulative + self._log_probs(states[0])
             layer_index = {candidate: row for row, candidate in enumerate(layer)}
@@ -229,7 +228,11 @@ class HeadEngine:
         return q
 
     def _block(self, x: torch.Tensor, q: torch.Tensor, query_positions: torch.Tensor, attended: int) -> torch.Tensor:
-        visible = self.key_positions[None, :attended] <= query_positions[:, None]  # [n, attended]
+        """The block at answer positions: each query sees the cache up to its own position."""
+        return self._attend(x, q, self.key_positions[None, :attended] <= query_positions[:, None], attended)
+
+    def _attend(self, x: torch.Tensor, q: torch.Tensor, visible: torch.Tensor, attended: int) -> torch.Tensor:
+        """Queries q over the cache's first `attended` positions where `visible` [n, attended], then the block's rest."""
         keys, values = self.keys[:, :, :attended], self.values[:, :, :attended]
         return self.head.after_attention(x, attend(q, keys, values, additive_mask(visible, self.dtype), "fused"))
 
