@@ -214,8 +214,7 @@ class HeadEngine:
 
     def _log_probs(self, states: torch.Tensor) -> torch.Tensor:
         """Drafting's log-probabilities [rows, V or draft vocab] of states [rows, H] (warped when sampling)."""
-        logits = self._logits(states[None]).float()
-        return (logits if self.sampler.greedy else self.sampler.spec.warp(logits)).log_softmax(-1)
+        return self.sampler.tree_scores(self._logits(states[None]))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)[None].to(self.dtype)

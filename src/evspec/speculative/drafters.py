@@ -83,8 +83,7 @@ class TokenTreeDrafter:
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's log-probabilities over the shared ids, warped by the sampling spec when sampling (ids
         the spec removes score -inf and are never proposed)."""
-        scores = logits.float().masked_fill(~self.allowed, float("-inf"))
-        return (scores if self.sampler.greedy else self.sampler.spec.warp(scores)).log_softmax(-1)
+        return self.sampler.tree_scores(logits.float().masked_fill(~self.allowed, float("-inf")))
 
     def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
         out = self.draft.step(host_to_device([self.vocabulary.readable(self.pending)], self.draft.device))

@@ -85,6 +85,12 @@ class Sampler:
     def uniform(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.rand(n, device=device, generator=self.generator)
 
+    def tree_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities a draft tree ranks its candidates by: of the warped law when sampling (ids the spec
+        removes score -inf and are never proposed), of the raw logits when greedy."""
+        scores = logits.float()
+        return (scores if self.greedy else self.spec.warp(scores)).log_softmax(-1)
+
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1) if self.greedy else self.draw(self.probabilities(logits))
 
