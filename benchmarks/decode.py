@@ -10,7 +10,8 @@ in one process, with warm-up (compilation, graph capture) excluded:
   (`--variants`: the projections by the engine's kernel, `evspec.engine.matvec`, or by
   inductor's tuned reductions, or by cuBLAS, around layers torch.compile fuses or not, x the
   attention kernels of one-token steps / of verifies, `evspec.engine.kernels.attend`; the
-  first is the engine's default on CUDA), and its verify of k + 1 tokens for k = 1..16; the step from a host
+  first is the engine's default on CUDA), and its verify of k + 1 tokens for k = 1..16 and of [last] + a
+  tree of 16, 32 and 64 drafts (`--trees`, tree attention), and its prefill of the prompt; the step from a host
   synchronised before it (as a loop reading each token runs it) and from steps queued ahead;
 - the default variant compiled again `--recompiles` times with inductor's caches off: its
   tuned kernels may differ between compilations, and so may the step;
@@ -38,7 +39,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evspec.adapter.modules import DraftHead, HeadConfig
+from evspec.bench.stages import tree_parents
 from evspec.engine.head import HeadEngine
+from evspec.engine.kernels import TUNED_INDUCTOR
 from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import VICUNA_7B
 from evspec.speculative.sampling import Sampler
@@ -55,12 +58,14 @@ def copy_bandwidth() -> float:
 
 
 def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repeats: int, profile: bool = False,
-                 **options) -> dict:  # fmt: skip
-    """One-token step and (k + 1)-token verifies after the prompt, on a fresh engine of `capacity` positions."""
+                 trees: tuple[int, ...] = (), **options) -> dict:  # fmt: skip
+    """One-token step, (k + 1)-token verifies and the verifies of [last] + a tree of n drafts (`trees`) after the
+    prompt, on a fresh engine of `capacity` positions; and the prompt's prefill."""
     torch._dynamo.reset()  # each variant compiles afresh, with its own inductor options
     started = time.perf_counter()
     engine = LlamaEngine(model.model, model.lm_head, capacity, **options)
-    out = engine.prefill(model.model.embed_tokens(prompt))
+    embeds = model.model.embed_tokens(prompt)
+    out = engine.prefill(embeds)
     token = out.logits[:, -1].argmax(-1).view(1, 1)
     ids = [int(token)]
     for _ in range(15):  # greedy through the captured one-token graph
@@ -78,15 +83,23 @@ def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repe
             engine.step(token)
         engine.rewind(length)
 
+    def tree(n: int) -> None:
+        engine.step_tree(token.expand(1, n + 1), tree_parents(n))
+        engine.rewind(length)
+
     for n in (1, *[k + 1 for k in ks]):  # capture every shape before timing any (compilation excluded)
         forward(n)
+    for n in trees:
+        tree(n)
     setup_s = time.perf_counter() - started
     result = {"step_ms": median_ms(lambda: forward(1), CUDA, repeats),
               "step_queued_ms": median_ms(queued, CUDA, max(3, repeats // 5)) / 20,
               "verify_ms": {k: median_ms(lambda k=k: forward(k + 1), CUDA, repeats) for k in ks},
+              "tree_verify_ms": {n: median_ms(lambda n=n: tree(n), CUDA, repeats) for n in trees},
               "greedy_ids": ids, "setup_s": setup_s, "capacity": engine.capacity}  # fmt: skip
     if profile:
         result["kernels"] = kernel_breakdown(lambda: forward(1))
+    result["prefill_ms"] = median_ms(lambda: engine.prefill(embeds), CUDA, max(3, repeats // 5))
     del engine
     torch.cuda.empty_cache()
     return result
@@ -168,15 +181,16 @@ def kernel_breakdown(function, calls: int = 10) -> dict:
 
 
 def engine_options(variant: str) -> dict:
-    """"compiled+fused/matmul" -> compile on with the engine's projection kernel (`compiled-inductor`: inductor's
-    tuned reductions instead; `compiled-cublas`: inductor's defaults, cuBLAS), fused attention for one-token
-    steps and matmul for verifies."""
+    """"compiled+fused/matmul" -> compile on (inductor's defaults) with the engine's projection kernel
+    (`compiled-tuned`: the same compiled with coordinate-descent tuning; `compiled-inductor`: the projections
+    as inductor's tuned reductions instead; `compiled-cublas`: inductor's defaults, cuBLAS), fused attention
+    for one-token steps and matmul for verifies."""
     compiled, kernels = variant.split("+")
     step, _, verify = kernels.partition("/")
     options = {"compile": compiled != "eager", "attention": (step, verify or step),
-               "matvec_kernel": compiled in ("compiled", "eager")}  # fmt: skip
-    if compiled == "compiled-cublas":
-        options["inductor_options"] = {}
+               "matvec_kernel": compiled in ("compiled", "compiled-tuned", "eager")}  # fmt: skip
+    if compiled in ("compiled-tuned", "compiled-inductor"):
+        options["inductor_options"] = TUNED_INDUCTOR
     return options
 
 
@@ -194,8 +208,9 @@ def main() -> None:
     parser.add_argument("--ks", default=",".join(map(str, range(1, 17))), help="draft lengths whose verify is timed")
     parser.add_argument("--variants", default="compiled+fused/matmul,compiled-inductor+fused/matmul,"
                                               "compiled-cublas+fused/matmul,eager+fused/matmul",
-                        help="engine variants: compiled|compiled-inductor|compiled-cublas|eager (torch.compile'd "
-                             "layers with the projection kernel; with inductor's tuned reductions instead; with "
+                        help="engine variants: compiled|compiled-tuned|compiled-inductor|compiled-cublas|eager "
+                             "(torch.compile'd layers with the projection kernel; the same with coordinate-descent "
+                             "tuning; with inductor's tuned reductions instead; with "
                              "inductor's defaults (cuBLAS); the kernel without torch.compile; all CUDA graphs) + the "
                              "attention kernel of one-token steps [/ of verifies] (fused, matmul); the first is the "
                              "default")  # fmt: skip
@@ -206,6 +221,7 @@ def main() -> None:
     parser.add_argument("--answer-lengths", default="1,100,1000", help="answer lengths at which the head's c is timed")
     parser.add_argument("--head-k", type=int, default=4)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--trees", default="16,32,64", help="drafts in the trees whose verify is timed (EAGLE-2's sizes)")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     torch.manual_seed(0)
@@ -222,12 +238,14 @@ def main() -> None:
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1000
     progress("floor", {"device": torch.cuda.get_device_name(), "floor_ms": floor_ms, "bandwidth_tb_s": bandwidth / 1e12})
 
-    small_capacity = args.prompt + 20 + max(ks)  # what speculate allocates: the prompt, the answer, the drafts
+    trees = tuple(int(n) for n in args.trees.split(",") if n)
+    small_capacity = args.prompt + 20 + max(*ks, *[n + 1 for n in trees])  # the prompt, the answer, the drafts
     variants = {}
     default = args.variants.split(",")[0]
     for variant in args.variants.split(","):
         variants[variant] = engine_costs(model, prompt, small_capacity, ks, args.repeats,
-                                         args.profile and variant == default, **engine_options(variant))  # fmt: skip
+                                         args.profile and variant == default, trees if variant == default else (),
+                                         **engine_options(variant))  # fmt: skip
         progress(variant, variants[variant])
     step_ms = variants[default]["step_ms"]
     answer_lengths = [int(n) for n in args.answer_lengths.split(",")]
@@ -269,6 +287,9 @@ def main() -> None:
     print("  " + "  ".join(f"k={k}:{ms / step_ms:.3f}" for k, ms in variants[default]["verify_ms"].items()))
     for name, v in variants.items():
         print(f"  {name}: " + "  ".join(f"k={k}:{ms:.2f}" for k, ms in v["verify_ms"].items()) + f" ms; set-up {v['setup_s']:.0f} s")
+    print("verify of [last] + a tree of n drafts / one step: " + "  ".join(
+        f"n={n}: {ms:.2f} ms, {ms / step_ms:.3f}" for n, ms in variants[default]["tree_verify_ms"].items()))
+    print("prefill of the prompt, ms: " + "  ".join(f"{name}: {v['prefill_ms']:.2f}" for name, v in variants.items()))
     print(f"capacity {large['capacity']} vs {variants[default]['capacity']}: step {large['step_ms'] / step_ms:.3f}x, "
           + "  ".join(f"k={k}:{large['verify_ms'][k] / variants[default]['verify_ms'][k]:.3f}x" for k in ks))  # fmt: skip
     for name, costs in heads.items():
@@ -282,7 +303,8 @@ def main() -> None:
     print(f"variants produce identical greedy ids (bf16, random weights): {same}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "floor_ms": floor_ms, "bandwidth_tb_s": bandwidth / 1e12,
                       "default_variant": default, "step_ms": step_ms, "step_over_floor": step_ms / floor_ms,
-                      "variants": {n: {k: v[k] for k in ("step_ms", "step_queued_ms", "verify_ms", "setup_s", "capacity")}
+                      "variants": {n: {k: v[k] for k in ("step_ms", "step_queued_ms", "verify_ms", "tree_verify_ms",
+                                                                    "prefill_ms", "setup_s", "capacity")}
                                    for n, v in variants.items()},
                       "recompiled_step_ms": [r["step_ms"] for r in recompiled],
                       "large_capacity": {k: large[k] for k in ("step_ms", "verify_ms", "capacity")},

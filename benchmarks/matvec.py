@@ -25,7 +25,7 @@ import json
 import torch
 
 from evspec.engine import matvec
-from evspec.engine.kernels import COMPILE_OPTIONS
+from evspec.engine.kernels import TUNED_INDUCTOR
 from evspec.timing import median_ms
 
 CUDA = [torch.device("cuda")]
@@ -84,7 +84,7 @@ def main() -> None:
     for name, (n, k, silu_pairs, with_residual) in SHAPES.items():
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(LAYERS)]
         floor_us = weights[0].nbytes / bandwidth * 1e6
-        inductor = torch.compile(matvec.reference, fullgraph=True, options=COMPILE_OPTIONS)
+        inductor = torch.compile(matvec.reference, fullgraph=True, options=TUNED_INDUCTOR)
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, 2 * k if silu_pairs else k, device="cuda", dtype=torch.bfloat16)
             residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) if with_residual else None

@@ -44,14 +44,17 @@ def _prompt(stages, n_text: int = 4, seed: int = 1):
     return torch.tensor([[1, *[stages.placeholder_id] * visual.shape[0], *text]]), visual
 
 
-@pytest.mark.parametrize("attention", [("fused", "fused"), ("matmul", "matmul"), ("fused", "matmul")])
+# prefills padded to a multiple of the bucket (as on CUDA) or not: the padding must not reach the prompt's positions
+@pytest.mark.parametrize("attention, prefill_bucket", [(("fused", "fused"), 0), (("matmul", "matmul"), 7),
+                                                       (("fused", "matmul"), 64)])  # fmt: skip
 @pytest.mark.parametrize("which", ["target", "draft"])
-def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, attention):
+def test_engine_equals_transformers_through_prefill_steps_verify_and_rewind(which, attention, prefill_bucket):
     stages = _stages(which)
     ids, visual = _prompt(stages)
     embeds = stages.embed(ids, visual)
     engine = LlamaEngine(stages.language_model, stages.lm_head, max_length=ids.shape[1] + 2 * BUCKET,
-                         attention=attention)  # fmt: skip
+                         attention=attention, prefill_bucket=prefill_bucket)  # fmt: skip
+    assert prefill_bucket <= 1 or embeds.shape[1] % prefill_bucket, "the prompt must need padding"
     out = engine.prefill(embeds)
     logits, hidden = _oracle(stages, embeds)
     torch.testing.assert_close(out.logits, logits[:, -1:], rtol=0, atol=1e-5)  # the prefill's: the last position's

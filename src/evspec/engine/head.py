@@ -29,7 +29,7 @@ from torch import nn
 
 from evspec.adapter.modules import DraftHead
 from evspec.engine import matvec
-from evspec.engine.kernels import (COMPILE_OPTIONS, Graphs, additive_mask, attend, bucket_end, host_to_device,
+from evspec.engine.kernels import (Graphs, additive_mask, attend, bucket_end, compile_per_shape, host_to_device,
                                    round_capacity)
 from evspec.speculative.sampling import Sampler, inverse_cdf
 from evspec.speculative.trees import best_nodes, expand_level
@@ -40,7 +40,7 @@ class HeadEngine:
                  max_answer: int, max_k: int, sampler: Sampler, compile: bool | None = None,
                  inductor_options: dict | None = None) -> None:  # fmt: skip
         """Room for `max_events` event tokens, answers of `max_answer` tokens and proposals of up to `max_k`;
-        `compile` (default: on CUDA) with `inductor_options` (default: `COMPILE_OPTIONS`)."""
+        `compile` (default: on CUDA) with `inductor_options` (default: inductor's)."""
         self.head, self.embed_tokens, self.sampler = head, embed_tokens, sampler
         parameter = next(head.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -67,8 +67,7 @@ class HeadEngine:
         self.graphs = Graphs(self.device)
         self.body = self._propose
         if self.device.type == "cuda" if compile is None else compile:
-            options = COMPILE_OPTIONS if inductor_options is None else inductor_options
-            self.body = torch.compile(self._propose, fullgraph=True, dynamic=False, options=options)
+            self.body = compile_per_shape(self._propose, inductor_options, dynamic=False)  # per (k, bucket)
 
     @torch.no_grad()
     def load_events(self, event_tokens: torch.Tensor | None) -> None:

@@ -25,12 +25,12 @@ from torch.nn import functional as F
 
 BUCKET = 256  # positions: the granularity at which step cost follows the filled length
 
-# inductor options of both engines' compiled code: with coordinate-descent tuning inductor turns each
-# batch-1 matrix-vector product it compiles into a Triton reduction fused with the norm or activation
-# before it and tunes its tiles (as gpt-fast does). The head's projections are compiled so; the LLaMA
-# engine's are `evspec.engine.matvec`'s fixed-tile kernel, because tuning by measurement moved a 7B
-# step by up to 0.9 ms between compilations (BENCHMARKS.md)
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# inductor's coordinate-descent tuning (gpt-fast's setting): it turns a batch-1 matrix-vector product into a
+# Triton reduction and tunes its tiles by timing them. The engines do not use it: their projections are
+# `evspec.engine.matvec`'s fixed-tile kernel (tuning by measurement moved a 7B step by up to 0.9 ms between
+# compilations), and tuning what is left (norms, RoPE) took minutes of compilation per shape for nothing
+# measurable. The benchmarks compile with it as the peer to compare against (BENCHMARKS.md).
+TUNED_INDUCTOR = {"coordinate_descent_tuning": True}
 
 
 def bucket_end(length: int, capacity: int) -> int:
@@ -44,6 +44,14 @@ def round_capacity(length: int) -> int:
 
 
 ATTENTION = ("fused", "matmul")
+
+
+def compile_per_shape(function: Callable, options: dict | None, dynamic: bool | None = None) -> Callable:
+    """`function` under torch.compile (whole graph), with room for a compilation per step length and length
+    bucket: an engine serving long answers meets many (dynamo's default limit of 8 is a hard failure under
+    `fullgraph`)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(function, fullgraph=True, dynamic=dynamic, options=options)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

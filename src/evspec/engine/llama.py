@@ -31,12 +31,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from evspec.engine import matvec
-from evspec.engine.kernels import (ATTENTION, COMPILE_OPTIONS, Graphs, additive_mask, attend, bucket_end,
+from evspec.engine.kernels import (ATTENTION, Graphs, additive_mask, attend, bucket_end, compile_per_shape,
                                    host_to_device, round_capacity)
 
 # the attention kernels of one-token steps and of verifies on CUDA, chosen by benchmarks/decode.py (BENCHMARKS.md:
 # fused SDPA is fastest for one query; for k + 1 queries it costs 1.16-1.19 steps where matmul costs 1.01-1.04)
 STEP_ATTENTION = ("fused", "matmul")
+# positions: on CUDA a prefill is padded at its end to a multiple of this and replayed as the graph of that
+# length. Causal attention keeps the padding from the real positions, and the host queues one graph instead
+# of every layer's kernels, so it is free to queue the other model's work (`prefill` overlap, BENCHMARKS.md)
+PREFILL_BUCKET = 64
 
 
 @dataclass
@@ -61,11 +65,12 @@ class LlamaEngine:
 
     def __init__(self, language_model: nn.Module, lm_head: nn.Linear, max_length: int, compile: bool | None = None,
                  attention: tuple[str, str] | None = None, inductor_options: dict | None = None,
-                 matvec_kernel: bool = True) -> None:  # fmt: skip
+                 matvec_kernel: bool = True, prefill_bucket: int | None = None) -> None:  # fmt: skip
         """`compile` (default: on CUDA) fuses each layer's small kernels with torch.compile, with
-        `inductor_options` (default: `COMPILE_OPTIONS`); `attention`: the kernels
+        `inductor_options` (default: inductor's); `attention`: the kernels
         (`evspec.engine.kernels.attend`) of one-token steps and of longer ones; `matvec_kernel`: steps'
-        projections by `evspec.engine.matvec` where it applies (CUDA, bf16/fp16), else PyTorch's ops."""
+        projections by `evspec.engine.matvec` where it applies (CUDA, bf16/fp16), else PyTorch's ops;
+        `prefill_bucket`: prefills padded to a multiple of it (default: `PREFILL_BUCKET` on CUDA, none on CPU)."""
         config = language_model.config
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
@@ -77,6 +82,7 @@ class LlamaEngine:
         weight = lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         on_cuda = self.device.type == "cuda"
+        self.prefill_bucket = (PREFILL_BUCKET if on_cuda else 0) if prefill_bucket is None else prefill_bucket
         self.attention = attention or (STEP_ATTENTION if on_cuda else ("fused", "fused"))
         if not set(self.attention) <= set(ATTENTION):
             raise ValueError(f"attention kernels {self.attention}: each one of {ATTENTION}")
@@ -99,9 +105,7 @@ class LlamaEngine:
             # a step or prefill compiles for its exact shape first; once a second length or length bucket
             # appears, torch.compile's automatic dynamic shapes make just those sizes symbolic (one more
             # compilation each). The compiled prefill launches few kernels, so the host keeps ahead of the GPU.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            options = COMPILE_OPTIONS if inductor_options is None else inductor_options
-            self.layer = torch.compile(_layer, fullgraph=True, options=options)
+            self.layer = compile_per_shape(_layer, inductor_options)
         cache_shape = (len(self.layers), 1, self.n_kv_heads, self.capacity, self.head_dim)
         self.keys = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -119,11 +123,12 @@ class LlamaEngine:
 
     # ---- the forward ------------------------------------------------------------------------
     def _forward(self, embeds: torch.Tensor, attended: int | None,
-                 tree: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> EngineOutput:  # fmt: skip
-        """embeds [1, n, H] written into cache slots position..position+n-1 (their K/V).
+                 tree: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:  # fmt: skip
+        """The final hidden states [1, n, H] (after the norm) of embeds [1, n, H] written into cache slots
+        position..position+n-1 (their K/V).
 
         `attended`: the cache prefix the queries read (masked by position); None: a prefill into an
-        empty cache, causal over the n new positions only, with logits for the last position only.
+        empty cache, causal over the n new positions only.
         `tree` (depths [n], ancestors [n, m + n] bool, m): the n tokens extend a tree whose first m tokens
         are the m slots before `position`; token i sits at the tree's first slot + depths[i] and reads the
         cache before the tree and its ancestors in it (itself included).
@@ -147,22 +152,30 @@ class LlamaEngine:
         for index, weights in enumerate(self.layers):
             x = self.layer(x, weights, self.keys[index], self.values[index], positions, cos, sin, bias,
                                attended, kernel, self.shape)  # fmt: skip
-        hidden = self.norm(x)
         self.position += n
-        return EngineOutput(self.lm_head(hidden if attended is not None else hidden[:, -1:]), hidden)
+        return self.norm(x)
+
+    def _decoded(self, hidden: torch.Tensor) -> EngineOutput:
+        return EngineOutput(self.lm_head(hidden), hidden)
 
     # ---- public steps -----------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor) -> EngineOutput:
         """A fresh cache holding `embeds` [1, n, H] (the prompt, visual tokens spliced), any length.
 
-        Logits [1, 1, V] for the last position only (what the first answer token needs); hidden states for all.
+        Logits [1, 1, V] for the last position only (what the first answer token needs); hidden states for
+        all. With a `prefill_bucket`, the graph of the padded length (its hidden states are static outputs:
+        read them before the next call).
         """
         self.reset()
-        self._check_room(embeds.shape[1])
-        out = self._forward(embeds.to(self.dtype), None)
-        self.length = embeds.shape[1]
-        return out
+        n = embeds.shape[1]
+        self._check_room(n)
+        size = min(-(-n // self.prefill_bucket) * self.prefill_bucket, self.capacity) if self.prefill_bucket else n
+        padded = F.pad(embeds.to(self.dtype), (0, 0, 0, size - n))  # zeros after the prompt: causal, unread
+        hidden = self._replay(("prefill", size), (padded,), lambda x: self._forward(x, None), None)[:, :n]
+        self.length = n
+        self.position.fill_(n)  # the padding's slots are past the length: overwritten by the next step
+        return EngineOutput(self.lm_head(hidden[:, -1:]), hidden)
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> EngineOutput:
@@ -173,13 +186,15 @@ class LlamaEngine:
         n = token_ids.shape[1]
         self._check_room(n)
         attended = bucket_end(self.length + n, self.capacity)
-        out = self._replay((n,), (token_ids,), lambda ids: self._forward(self.embed_tokens(ids), attended), attended)
+        out = self._replay((n,), (token_ids,), lambda ids: self._decoded(self._forward(self.embed_tokens(ids), attended)),
+                           attended)  # fmt: skip
+        self.length += n
         self.tree = None
         return out
 
-    def _replay(self, key: tuple, inputs: tuple[torch.Tensor, ...], forward, attended: int) -> EngineOutput:
+    def _replay(self, key: tuple, inputs: tuple[torch.Tensor, ...], forward, attended: int | None):
         """`forward(*inputs)` as the graph of (key, bucket) on CUDA, its inputs copied into static buffers
-        kept per key; the cache's length advances by the step's tokens."""
+        kept per key. The caller advances the cache's length."""
         if self.graphs.enabled:
             if key not in self.step_ids:
                 self.step_ids[key] = tuple(torch.zeros_like(t, device=self.device) for t in inputs)
@@ -187,9 +202,7 @@ class LlamaEngine:
                 static.copy_(value)
             inputs = self.step_ids[key]
         length = self.length
-        out = self.graphs.run((*key, attended), lambda: forward(*inputs), restore=lambda: self.position.fill_(length))
-        self.length += inputs[0].shape[1]
-        return out
+        return self.graphs.run((*key, attended), lambda: forward(*inputs), restore=lambda: self.position.fill_(length))
 
     @torch.no_grad()
     def step_tree(self, token_ids: torch.Tensor, parents: list[int], grow: bool = False) -> EngineOutput:
@@ -223,8 +236,10 @@ class LlamaEngine:
         attended = bucket_end(self.length + n, self.capacity)
         inputs = (token_ids, host_to_device(depths[m:], self.device), host_to_device(ancestors[m:], self.device))
         out = self._replay(("tree", n, total), inputs,
-                           lambda ids, depth_ids, mask: self._forward(self.embed_tokens(ids), attended, (depth_ids, mask, m)),
+                           lambda ids, depth_ids, mask: self._decoded(
+                               self._forward(self.embed_tokens(ids), attended, (depth_ids, mask, m))),
                            attended)  # fmt: skip
+        self.length += n
         self.tree = (base, old_parents + list(parents), depths, ancestors)
         return out
 
