@@ -142,7 +142,7 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     assert {m["method"] for m in summary["methods"]} == {"target", "hf-generate", "hf-assisted", "token", "feature",
                                                         "prefill"}  # fmt: skip
     assert all(m.get("exact_match_rate", 1.0) == 1.0 for m in summary["methods"] if m["status"] == "ok")
-    assert "Best lossless speedup" in (tmp_path / "reports/tiny/index.md").read_text()
+    assert "The best speculative method" in (tmp_path / "reports/tiny/index.md").read_text()
     snakemake(tmp_path, "--report", "reports/tiny.html", config=TINY_CONFIG)  # Snakemake's own HTML report
     assert "stages.png" in (tmp_path / "reports/tiny.html").read_text()
     assert planned_rules(tmp_path, TINY_CONFIG) == set()

@@ -42,7 +42,8 @@ def results(tmp_path):
                                "shape": {"n_clips": 2, "speedup_median": 0.91, "speedup_ci95": [0.8, 1.02],
                                          "target_answer_tokens_median": 2.0}}, alpha=0.8125, tau=3.21, decode_speedup_median=2.5,
                                        decode_speedup_ci95=[2.4, 2.6], predicted_decode_speedup=2.61, cost_ratio=0.141,
-                                       verify_ratio=1.18, tokens_per_cycle=3.41, cycles=100,
+                                       verify_ratio=1.18, tokens_per_cycle=3.41, cycles=100, accepted_drafts=325,
+                                       drafted=400,
                                        reached_by_position=[100, 90, 80, 70], accepted_by_position=[90, 80, 70, 60],
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
@@ -53,7 +54,7 @@ def results(tmp_path):
     head = {**row, "acceptance_at_position": [0.985, 0.979], "parameters": 107072, "cost_ratio_parameters": 0.0123,
             "draft_vocab_size": 12, "draft_vocab_coverage": 0.9713}  # fmt: skip
     metrics = {"rows": {"identity": {"skipped": "widths differ"}, "linear": row, "adapter": row, "head": head,
-                        "head-text-only": head}, "split": "test", "n_test_clips": 160, "n_train_clips": 551}  # fmt: skip
+                        "head-text-only": {**head, "top1_agreement": 0.9}}, "split": "test", "n_test_clips": 160, "n_train_clips": 551}  # fmt: skip
     (root / "adapter" / "metrics.json").write_text(json.dumps(metrics))
     (root / "bench").mkdir()
     stages = [{"model": model, "images": images, "stage": stage, "k": k, "ms_median": ms, "ms_p10": ms, "ms_p90": ms,
@@ -77,9 +78,15 @@ def results(tmp_path):
 def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_path):
     pages = render_reports(results, {"run": "fixture"}, {"target": str(tmp_path / "none")}, tmp_path / "reports")
     text = {page.stem: page.read_text() for page in pages}
-    assert "| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 3.21 | 81.2% | 100.0% of clips identical |" in text["index"]
-    assert "| hf-assisted | 4 | not run | not run: ValueError: nope |" in text["index"]
-    assert "target answers of median 41 tokens" in text["index"]
+    assert ("| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 3.21 | 81.2% (325 / 400) | 100.0% of clips identical |"
+            in text["index"])  # fmt: skip
+    assert "feature with k = 4, is faster than the target alone:\n1.87x" in text["index"]
+    assert "| hf-assisted | 4 | not run | not run: ValueError: nope | |" in text["index"]  # a peer, in its own table
+    assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
+        in text["index"]  # fmt: skip
+    # 80.8% vs 90.0% of 708 tokens: -9.2 points +- 1.96 sqrt((.808 .192 + .9 .1) / 708) = +- 3.6
+    assert "95% interval -12.8 to -5.6): the events hurt" in text["index"].replace("\n", " ")
+    assert "95% interval -12.8 to\n-5.6): **the events hurt** on this pair" in text["alignment"]
     assert "spec/summary.json" in text["index"] and "python -m evspec speculate" in text["index"]
     assert "3 clips from 2 sequences; 1 clips skipped" in text["data"]
     assert "median 600, P10 440, P90 760" in text["data"]
@@ -104,6 +111,14 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "| feature | 4 | 2.31x (2.10-2.52) | 0.91x (0.80-1.02) |" in text["speculative"]
     for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("interval, verdict", [((1.01, 1.3), "faster than"), ((0.5, 0.99), "slower than"),
+                                               ((0.9, 1.1), "not distinguishable from")])  # fmt: skip
+def test_the_verdict_follows_the_interval_of_the_median_not_the_median(interval, verdict):
+    from evspec.report.render import _verdict
+
+    assert _verdict({"speedup_median": 1.05, "speedup_ci95": list(interval)}) == verdict
 
 
 def test_missing_results_are_said_not_invented(tmp_path):

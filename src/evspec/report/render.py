@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from evspec.atomic import atomic_output  # noqa: E402
 from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
 from evspec.speculative.cost import expected_tokens_per_cycle, predicted_decode_speedup  # noqa: E402
+from evspec.speculative.names import OWN_DRAFTERS  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGES = ("index", "data", "stages", "alignment", "speculative")
@@ -153,7 +154,23 @@ def alignment_section(results: Path, figures: Path) -> dict | None:
         axis.set(xlabel="draft position", ylabel="prefix-conditioned acceptance", ylim=(0, 1.02))
         axis.legend()
         _save(figure, figures / "head_positions.png")
-    return metrics
+    return {**metrics, "event_gain": event_gain(metrics["rows"])}
+
+
+def event_gain(rows: dict) -> dict | None:
+    """What the events add to the draft head: its top-1 agreement with the target minus the text-only head's,
+    on the same held-out tokens, with a 95% interval (two-proportion normal approximation; it ignores the
+    pairing of the tokens, which only widens it)."""
+    head, text_only = rows.get("head"), rows.get("head-text-only")
+    if not head or not text_only or "top1_agreement" not in head or "top1_agreement" not in text_only:
+        return None
+    p, q, n = head["top1_agreement"], text_only["top1_agreement"], head["n_tokens"]
+    half_width = 1.96 * ((p * (1 - p) + q * (1 - q)) / n) ** 0.5
+    difference = p - q
+    return {"head": p, "text_only": q, "n_tokens": n, "difference": difference,
+            "ci95": (difference - half_width, difference + half_width),
+            "reading": "the events help" if difference - half_width > 0 else
+                       "the events hurt" if difference + half_width < 0 else "no difference is measurable"}  # fmt: skip
 
 
 def _step_costs(stages: pd.DataFrame) -> dict:
@@ -216,9 +233,30 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
         if entry["lossless"]["consistent"] and (entry["method"] not in best
                                                 or entry["speedup_median"] > best[entry["method"]]["speedup_median"]):
             best[entry["method"]] = entry
-    return {**summary, "best": sorted(best.values(), key=lambda e: -e["speedup_median"]),
-            "not_lossless": [m for m in ok if not m["lossless"]["consistent"]],
-            "not_run": [m for m in summary["methods"] if m["status"] != "ok"]}  # fmt: skip
+    ranked = sorted(best.values(), key=lambda e: -e["speedup_median"])
+    own = [e for e in ranked if e["method"] in OWN_DRAFTERS]
+    return {**summary, "best": own, "verdict": _verdict(own[0]) if own else None,
+            "peers": [m for m in summary["methods"] if m["method"] not in (*OWN_DRAFTERS, "target")],
+            "answer_tokens_by_type": _answer_tokens_by_type(summary),
+            "not_lossless": [m for m in ok if not m["lossless"]["consistent"] and m["method"] in OWN_DRAFTERS],
+            "not_run": [m for m in summary["methods"] if m["status"] != "ok" and m["method"] in OWN_DRAFTERS]}  # fmt: skip
+
+
+def _verdict(best: dict) -> str:
+    """Whether the best speculative method is faster than the target alone, by its interval of the median."""
+    low, high = best["speedup_ci95"]
+    if low > 1:
+        return "faster than"
+    return "slower than" if high < 1 else "not distinguishable from"
+
+
+def _answer_tokens_by_type(summary: dict) -> dict[str, dict]:
+    """The target's median answer length and clip count per question type (from the target's own row)."""
+    target = next((m for m in summary["methods"] if m["method"] == "target" and m["status"] == "ok"), None)
+    if target is None:
+        return {}
+    return {kind: {"clips": row["n_clips"], "median": row.get("target_answer_tokens_median")}
+            for kind, row in sorted(target.get("by_question_type", {}).items())}  # fmt: skip
 
 
 LOSSLESS_ALPHA = 0.001  # a sampling method whose distribution test gives p below this is reported as not lossless

@@ -123,6 +123,7 @@ def _acceptance(ran: pd.DataFrame) -> dict:
     conditional = conditional_acceptance(accepted, reached)
     out = {"cycles": reached[0], "reached_by_position": reached, "accepted_by_position": accepted,
            "alpha": float(ran["accepted"].sum() / ran["drafted"].sum()),
+           "accepted_drafts": int(ran["accepted"].sum()), "drafted": int(ran["drafted"].sum()),  # alpha's counts
            "conditional_acceptance_by_position": conditional,
            "tokens_per_cycle": expected_tokens_per_cycle(conditional)}  # fmt: skip
     if ran["target_step_ms"].notna().any():
