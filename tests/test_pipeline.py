@@ -75,6 +75,27 @@ def deterministic_digests(results) -> dict[str, str]:
     return out
 
 
+def _comment(text: str) -> str:
+    return text + "\n# an edit\n"
+
+
+def _edit_cli_block(text: str) -> str:  # one command's arguments in the CLI module
+    return text.replace('help="summary.json to write")', 'help="summary.json to write (edited)")')
+
+
+SUMMARY_AND_REPORT = {"spec_summary", "report"}
+RERUN_BY_EDIT = [  # (file under src/evspec, the edit, the rules a dry run must then plan)
+    ("report/templates/stages.md.j2", lambda text: text + "{# an edit #}\n", {"report"}),
+    ("report/render.py", _comment, {"report"}),
+    ("speculative/summary.py", _comment, SUMMARY_AND_REPORT),
+    ("__main__.py", _edit_cli_block, SUMMARY_AND_REPORT),
+    ("speculative/drafters.py", _comment, {"speculate"} | SUMMARY_AND_REPORT),
+    ("timing.py", _comment, {"speculate", "bench_stages"} | SUMMARY_AND_REPORT),
+    ("engine/head.py", _comment, {"train_adapter", "bench_stages", "speculate"} | SUMMARY_AND_REPORT),
+    ("world/esim.py", _comment, {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA),
+]
+
+
 def planned_rules(workdir, config) -> set[str]:
     """Rules a dry run would execute (besides `all`)."""
     output = snakemake(workdir, "--dry-run", config=config).stdout
@@ -155,13 +176,23 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA
     adapter_changed = {**TINY_CONFIG, "adapter": {**TINY_CONFIG["adapter"], "head_steps": 6}}
     assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary", "report"}
-    template = PROJECT / "src" / "evspec" / "report" / "templates" / "stages.md.j2"
-    original = template.read_text()
-    try:
-        template.write_text(original + "{# an edit #}\n")
-        assert planned_rules(tmp_path, TINY_CONFIG) == {"report"}
-    finally:
-        template.write_text(original)
+    # an edit to one file reruns the rules whose commands import it (by hand from the import graph), and
+    # what consumes their products
+    for file, edit, rerun in RERUN_BY_EDIT:
+        path = PROJECT / "src" / "evspec" / file
+        original = path.read_text()
+        try:
+            path.write_text(edit(original))
+            assert planned_rules(tmp_path, TINY_CONFIG) == rerun, file
+        finally:
+            path.write_text(original)
+    # recorded data in the DSEC layout: every file the clips are cut from is an input, frames included
+    world = tmp_path / "results/tiny/world"
+    sequences = sorted(p.name for p in world.iterdir() if (p / "events").is_dir())
+    dsec = {**TINY_CONFIG, "run": "dsec", "dataset": {"kind": "dsec", "root": str(world), "sequences": sequences}}
+    plan = snakemake(tmp_path, "--dry-run", "build_tensors", config=dsec).stdout
+    frames = sorted((world / sequences[0] / "images/left/rectified").glob("*.png"))
+    assert frames and all(str(frame) in plan for frame in frames)
 
 
 @pytest.mark.slow

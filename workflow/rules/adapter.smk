@@ -18,7 +18,7 @@ rule train_adapter:
         draft=model_paths()["draft"],
         feature_settings=FEATURE_SETTINGS,
         settings=as_json({**config["adapter"], "device": MODELS["device"]}),
-        code=code_version(*CORE_MODULES, "adapter", "features", "engine", "models", "speculative/sampling.py", "fingerprint.py"),
+        code=command_code("train-adapter"),
     threads: config["adapter"]["threads"]
     resources:
         gpu=1 if MODELS["device"] == "cuda" else 0,

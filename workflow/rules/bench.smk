@@ -13,8 +13,7 @@ rule bench_stages:
         settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"], "compile": MODELS["compile"]}),
         pair=(" ".join(f"--{part.replace('_', '-')} {path}" for part, path in model_paths().items())
               if BENCH["scale"] == "pair" else ""),
-        code=code_version(*CORE_MODULES, "bench", "models", "adapter/modules.py", "engine", "speculative/sampling.py",
-                            "timing.py"),
+        code=command_code("bench-stages"),
     threads: BENCH["threads"]
     resources:
         gpu=1 if MODELS["device"] == "cuda" else 0,

@@ -3,9 +3,9 @@
 import json
 import sys
 
-# Hash of the evspec modules a rule runs: a param, so editing them reruns the rule
-# (Snakemake tracks a rule's own code but not what its command imports).
-from evspec.fingerprint import code_version
+# Hash of the evspec source a rule's command runs (its imports, closed): a param, so editing a module
+# reruns exactly the rules whose commands import it (Snakemake tracks a rule's own code, not its imports).
+from evspec.fingerprint import command_code
 
 RESULTS = f"results/{config['run']}"
 REPORTS = f"reports/{config['run']}"
@@ -18,6 +18,3 @@ def as_json(value):
     """A config section as one canonical JSON argument (and a rerun trigger through params)."""
     return json.dumps(value, sort_keys=True)
 
-
-# Modules every stage imports.
-CORE_MODULES = ("__main__.py", "errors.py", "atomic.py", "settings.py", "h5.py")

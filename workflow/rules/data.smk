@@ -8,12 +8,16 @@ def dataset_root():
 
 
 def dataset_inputs():
-    """The synthetic world, or every DSEC file the clips are cut from (so edits rerun the stage)."""
+    """The synthetic world, or every DSEC file the clips are cut from, frames included (so a replaced file
+    reruns the stage)."""
     if SYNTHETIC:
         return [f"{RESULTS}/world"]
     root = Path(DATASET["root"])
-    return [root / name / part for name in DATASET["sequences"]
-            for part in ("events/left/events.h5", "images/timestamps.txt")]
+    files = []
+    for name in DATASET["sequences"]:
+        files += [root / name / "events/left/events.h5", root / name / "images/timestamps.txt"]
+        files += sorted((root / name / "images/left/rectified").glob("*.png"))
+    return files
 
 
 rule synthesize_world:
@@ -21,7 +25,7 @@ rule synthesize_world:
         directory(f"{RESULTS}/world"),
     params:
         world=as_json(config["world"]),
-        code=code_version(*CORE_MODULES, "world", "events"),
+        code=command_code("synth"),
     threads: 2
     log:
         f"{LOGS}/synthesize_world.log",
@@ -43,7 +47,7 @@ rule build_tensors:
         windows=as_json(config["windows"]),
         split=as_json(config["split"]),
         out_dir=f"{RESULTS}/data",
-        code=code_version(*CORE_MODULES, "data", "events", "world/scene.py"),
+        code=command_code("build-tensors"),
     log:
         f"{LOGS}/build_tensors.log",
     benchmark:

@@ -2,7 +2,7 @@
 # The draft is teacher-forced along the target's greedy answers, so it runs after the target.
 FEATURES = f"{RESULTS}/features"
 FEATURE_SETTINGS = as_json({**config["features"], **MODEL_RUNTIME})
-FEATURE_CODE = code_version(*CORE_MODULES, "features", "engine", "models", "fingerprint.py")
+FEATURE_CODE = command_code("extract-features")
 
 
 rule extract_target_features:

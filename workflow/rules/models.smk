@@ -35,7 +35,7 @@ rule train_toy:
     params:
         settings=as_json({**config["toy"], "device": MODELS["device"]}),
         data_dir=f"{RESULTS}/data",
-        code=code_version(*CORE_MODULES, "train", "models", "world/scene.py"),
+        code=command_code("train-toy"),
     threads: config["toy"]["threads"]
     resources:
         gpu=1 if MODELS["device"] == "cuda" else 0,

@@ -18,7 +18,7 @@ rule report:
         results=RESULTS,
         config=as_json(config),
         models=as_json({"draft": model_paths()["draft"], "target": model_paths()["target"]}),
-        code=code_version(*CORE_MODULES, "report", "fingerprint.py", "speculative/cost.py"),
+        code=command_code("report"),
     log:
         f"{LOGS}/report.log",
     shell:

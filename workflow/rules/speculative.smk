@@ -20,7 +20,7 @@ rule speculate:
         n_shards=SPEC_CONFIG["shards"],
         settings=as_json({key: value for key, value in SPEC_CONFIG.items() if key != "shards"}
                          | MODEL_RUNTIME),
-        code=code_version(*CORE_MODULES, "speculative", "engine", "models", "adapter", "timing.py"),
+        code=command_code("speculate"),
     threads: SPEC_CONFIG["threads"]
     resources:
         # one GPU per shard; two when the draft has its own (speculative.draft_device)
@@ -45,7 +45,7 @@ rule spec_summary:
         f"{SPEC}/summary.json",
     params:
         spec_dir=SPEC,
-        code=code_version(*CORE_MODULES, "speculative/summary.py", "speculative/cost.py", "speculative/lossless.py"),
+        code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
     shell:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from evspec.engine.llama import LlamaEngine
 from evspec.errors import InputError
 from evspec.features.store import FeatureReader, FeatureWriter, bytes_per_sample, sample_key
-from evspec.fingerprint import code_version, model_fingerprint, settings_digest
+from evspec.fingerprint import command_code, model_fingerprint, settings_digest
 from evspec.h5 import open_h5, require_dataset
 from evspec.models.checkpoint import DTYPES, load_draft_tokenizer, load_eventgpt, load_tokenizer, load_video_llava
 from evspec.models.processing import check_images, clip_preprocess
@@ -70,7 +70,7 @@ def expected_fingerprint(model_name: str, model_dir: Path, tensors_path: Path, s
     options = {k: v for k, v in asdict(settings).items()
                if k in ("fields", "precision", "max_new_tokens", "dtype", "compile", "draft_pixel_dtype")}  # fmt: skip
     fingerprint = {"model": f"{model_name}:{model_fingerprint(model_dir)}", "preprocessing": settings_digest(preprocessing),
-                   "code": code_version("features", "engine", "models"), "options": settings_digest(options)}  # fmt: skip
+                   "code": command_code("extract-features"), "options": settings_digest(options)}  # fmt: skip
     if answers_digest is not None:
         fingerprint["answers"] = answers_digest
     return fingerprint
