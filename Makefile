@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	$(BIN)/snakemake --report reports/demo.html
 	@echo "Report: reports/demo/index.md (Snakemake's HTML report: reports/demo.html); results under results/demo/."
 

@@ -1,14 +1,26 @@
 # evspec: EventGPT drafts, Video-LLaVA verifies. This file is the table of contents;
 # every rule lives in workflow/rules/ and calls one `python -m evspec <command>`.
+import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-from evspec.config_checks import check_config
-
 min_version("9.0")
 
 PROJECT = Path(workflow.basedir)
+# this checkout's evspec, for the Snakefile (config checks, code fingerprints) and every job alike, whether
+# evspec is installed editable, installed as a copy, or not at all (a rule's conda env holds only its dependencies)
+sys.path.insert(0, str(PROJECT / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT / "src"), os.environ.get("PYTHONPATH")]))
+
+from evspec.config_checks import check_config  # noqa: E402  (after the path above)
+
+
+envvars:  # both set above (and passed on to cluster jobs)
+    "PATH",
+    "PYTHONPATH",
+
 
 
 configfile: "config/config.yaml"
@@ -26,6 +38,12 @@ include: "workflow/rules/adapter.smk"
 include: "workflow/rules/speculative.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/report.smk"
+
+
+# light jobs run where Snakemake runs, not as cluster jobs
+localrules:
+    spec_summary,
+    report,
 
 
 rule all:

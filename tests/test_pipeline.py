@@ -224,3 +224,25 @@ def test_two_runs_from_clean_give_identical_results(tmp_path):
     snakemake(first, config=TINY_CONFIG)
     snakemake(second, config=TINY_CONFIG)
     assert deterministic_digests(first / "results/tiny") == deterministic_digests(second / "results/tiny")
+
+
+def test_the_dependency_ranges_agree_in_pyproject_environment_and_the_rules_env():
+    """One set of ranges: pyproject.toml (pip), environment.yml (a user's conda env) and the rules' conda env."""
+    import tomllib
+
+    conda_names = {"pytorch": "torch", "matplotlib-base": "matplotlib", "snakemake-minimal": "snakemake"}
+
+    def conda(path) -> dict[str, str]:
+        entries = [e for e in yaml.safe_load(path.read_text())["dependencies"] if isinstance(e, str) and e != "pip"]
+        pairs = [re.match(r"([\w.-]+)(.*)", entry).groups() for entry in entries]
+        return {conda_names.get(name, name): spec for name, spec in pairs}
+
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    pip = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    pip_ranges = {name: spec for name, spec in (re.match(r"([\w.-]+)([^;#]*)", d).groups() for d in pip)}
+    user_env, rules_env = conda(PROJECT / "environment.yml"), conda(PROJECT / "workflow" / "envs" / "evspec.yaml")
+    assert {name: pip_ranges[name] for name in user_env if name != "python"} == \
+        {name: spec for name, spec in user_env.items() if name != "python"}  # fmt: skip
+    assert rules_env.items() <= user_env.items()
+    assert set(user_env) - set(rules_env) == {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "pytest-timeout",
+                                              "hypothesis"}  # fmt: skip

@@ -4,6 +4,8 @@ ADAPTER = f"{RESULTS}/adapter"
 
 
 rule train_adapter:
+    conda:
+        ENV
     input:
         target_features=rules.extract_target_features.output,
         draft_features=rules.extract_draft_features.output,
@@ -12,8 +14,8 @@ rule train_adapter:
     output:
         directory(ADAPTER),
     params:
-        features_dir=FEATURES,
-        data_dir=f"{RESULTS}/data",
+        features_dir=parent("target_features"),
+        data_dir=parent("manifest"),
         target=model_paths()["target"],
         draft=model_paths()["draft"],
         feature_settings=FEATURE_SETTINGS,
@@ -27,6 +29,6 @@ rule train_adapter:
     benchmark:
         f"{RESULTS}/benchmarks/train_adapter.tsv"
     shell:
-        "{EVSPEC} train-adapter --features-dir {params.features_dir} --data-dir {params.data_dir}"
+        "python -m evspec train-adapter --features-dir {params.features_dir} --data-dir {params.data_dir}"
         " --target {params.target} --draft {params.draft} --feature-settings {params.feature_settings:q}"
         " --settings {params.settings:q} --out-dir {output} 2> {log}"

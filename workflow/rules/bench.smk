@@ -5,6 +5,8 @@ BENCH = config["bench"]
 
 
 rule bench_stages:
+    conda:
+        ENV
     input:
         models=model_inputs() if BENCH["scale"] == "pair" else [],
     output:
@@ -22,4 +24,4 @@ rule bench_stages:
     benchmark:
         f"{RESULTS}/benchmarks/bench_stages.tsv"
     shell:
-        "{EVSPEC} bench-stages --settings {params.settings:q} {params.pair} --out {output} 2> {log}"
+        "python -m evspec bench-stages --settings {params.settings:q} {params.pair} --out {output} 2> {log}"

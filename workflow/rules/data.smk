@@ -1,26 +1,7 @@
 # Data stage: recordings (synthetic world or DSEC) -> clips -> manifest.parquet + tensors.h5.
-DATASET = config["dataset"]
-SYNTHETIC = DATASET["kind"] == "synthetic"
-
-
-def dataset_root():
-    return f"{RESULTS}/world" if SYNTHETIC else DATASET["root"]
-
-
-def dataset_inputs():
-    """The synthetic world, or every DSEC file the clips are cut from, frames included (so a replaced file
-    reruns the stage)."""
-    if SYNTHETIC:
-        return [f"{RESULTS}/world"]
-    root = Path(DATASET["root"])
-    files = []
-    for name in DATASET["sequences"]:
-        files += [root / name / "events/left/events.h5", root / name / "images/timestamps.txt"]
-        files += sorted((root / name / "images/left/rectified").glob("*.png"))
-    return files
-
-
 rule synthesize_world:
+    conda:
+        ENV
     output:
         directory(f"{RESULTS}/world"),
     params:
@@ -32,10 +13,12 @@ rule synthesize_world:
     benchmark:
         f"{RESULTS}/benchmarks/synthesize_world.tsv"
     shell:
-        "{EVSPEC} synth --out {output} --world {params.world:q} --workers {threads} 2> {log}"
+        "python -m evspec synth --out {output} --world {params.world:q} --workers {threads} 2> {log}"
 
 
 rule build_tensors:
+    conda:
+        ENV
     input:
         dataset_inputs(),
     output:
@@ -46,12 +29,12 @@ rule build_tensors:
         dataset=as_json({**DATASET, "root": dataset_root()}),
         windows=as_json(config["windows"]),
         split=as_json(config["split"]),
-        out_dir=f"{RESULTS}/data",
+        out_dir=parent("manifest"),
         code=command_code("build-tensors"),
     log:
         f"{LOGS}/build_tensors.log",
     benchmark:
         f"{RESULTS}/benchmarks/build_tensors.tsv"
     shell:
-        "{EVSPEC} build-tensors --dataset {params.dataset:q} --windows {params.windows:q}"
+        "python -m evspec build-tensors --dataset {params.dataset:q} --windows {params.windows:q}"
         " --split {params.split:q} --out-dir {params.out_dir} 2> {log}"

@@ -6,16 +6,18 @@ FEATURE_CODE = command_code("extract-features")
 
 
 rule extract_target_features:
+    conda:
+        ENV
     input:
-        rules.build_tensors.output.manifest,
-        rules.build_tensors.output.tensors,
-        model_inputs(),
+        manifest=rules.build_tensors.output.manifest,
+        tensors=rules.build_tensors.output.tensors,
+        models=model_inputs(),
     output:
         f"{FEATURES}/video_llava.h5",
     params:
         checkpoint=model_paths()["target"],
         tokenizer=model_paths()["target_tokenizer"],
-        data_dir=f"{RESULTS}/data",
+        data_dir=parent("manifest"),
         settings=FEATURE_SETTINGS,
         code=FEATURE_CODE,
     resources:
@@ -25,16 +27,18 @@ rule extract_target_features:
     benchmark:
         f"{RESULTS}/benchmarks/extract_target_features.tsv"
     shell:
-        "{EVSPEC} extract-features --model video_llava --checkpoint {params.checkpoint}"
+        "python -m evspec extract-features --model video_llava --checkpoint {params.checkpoint}"
         " --tokenizer {params.tokenizer} --data-dir {params.data_dir} --settings {params.settings:q}"
         " --out {output} 2> {log}"
 
 
 rule extract_draft_features:
+    conda:
+        ENV
     input:
-        rules.build_tensors.output.manifest,
-        rules.build_tensors.output.tensors,
-        model_inputs(),
+        manifest=rules.build_tensors.output.manifest,
+        tensors=rules.build_tensors.output.tensors,
+        models=model_inputs(),
         answers=rules.extract_target_features.output,
     output:
         f"{FEATURES}/eventgpt.h5",
@@ -42,7 +46,7 @@ rule extract_draft_features:
         checkpoint=model_paths()["draft"],
         tokenizer=model_paths()["draft_tokenizer"],
         target_tokenizer=model_paths()["target_tokenizer"],
-        data_dir=f"{RESULTS}/data",
+        data_dir=parent("manifest"),
         settings=FEATURE_SETTINGS,
         code=FEATURE_CODE,
     resources:
@@ -52,6 +56,6 @@ rule extract_draft_features:
     benchmark:
         f"{RESULTS}/benchmarks/extract_draft_features.tsv"
     shell:
-        "{EVSPEC} extract-features --model eventgpt --checkpoint {params.checkpoint}"
+        "python -m evspec extract-features --model eventgpt --checkpoint {params.checkpoint}"
         " --tokenizer {params.tokenizer} --data-dir {params.data_dir} --settings {params.settings:q}"
         " --answers {input.answers} --target-tokenizer {params.target_tokenizer} --out {output} 2> {log}"

@@ -10,17 +10,21 @@ if TOY:
 
 
 rule report:
+    conda:
+        ENV
     input:
         **REPORT_INPUTS,
     output:
         report(directory(REPORTS), patterns=["{name}.png"], caption="../report/figures.rst", category="Figures"),
     params:
-        results=RESULTS,
+        results=parent("manifest", 2),
         config=as_json(config),
         models=as_json({"draft": model_paths()["draft"], "target": model_paths()["target"]}),
         code=command_code("report"),
     log:
         f"{LOGS}/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv",
     shell:
-        "{EVSPEC} report --results {params.results} --config {params.config:q} --models {params.models:q}"
+        "python -m evspec report --results {params.results} --config {params.config:q} --models {params.models:q}"
         " --out {output} 2> {log}"

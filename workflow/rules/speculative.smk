@@ -6,17 +6,19 @@ SPEC_SHARDS = range(SPEC_CONFIG["shards"])
 
 
 rule speculate:
+    conda:
+        ENV
     input:
         manifest=rules.build_tensors.output.manifest,
         tensors=rules.build_tensors.output.tensors,
         models=model_inputs(),
         adapter=rules.train_adapter.output,
     output:
-        expand(f"{SPEC}/{{method}}/shard-{{{{shard}}}}.parquet", method=SPEC_CONFIG["methods"]),
+        shards=expand(f"{SPEC}/{{method}}/shard-{{{{shard}}}}.parquet", method=SPEC_CONFIG["methods"]),
     params:
         paths=model_paths(),
-        data_dir=f"{RESULTS}/data",
-        out_dir=SPEC,
+        data_dir=parent("manifest"),
+        out_dir=parent("shards", 2),
         n_shards=SPEC_CONFIG["shards"],
         settings=as_json({key: value for key, value in SPEC_CONFIG.items() if key != "shards"}
                          | MODEL_RUNTIME),
@@ -30,7 +32,7 @@ rule speculate:
     benchmark:
         f"{RESULTS}/benchmarks/speculate/shard-{{shard}}.tsv"
     shell:
-        "{EVSPEC} speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
+        "python -m evspec speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
         " --target {params.paths[target]} --draft-tokenizer {params.paths[draft_tokenizer]}"
         " --target-tokenizer {params.paths[target_tokenizer]} --adapter-dir {input.adapter}"
         " --settings {params.settings:q} --shard {wildcards.shard} --n-shards {params.n_shards}"
@@ -38,15 +40,19 @@ rule speculate:
 
 
 rule spec_summary:
+    conda:
+        ENV
     input:
         shards=expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
         manifest=f"{RESULTS}/data/manifest.parquet",
     output:
         f"{SPEC}/summary.json",
     params:
-        spec_dir=SPEC,
+        spec_dir=parent("shards", 2),
         code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
-        "{EVSPEC} spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output} 2> {log}"
+        "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output} 2> {log}"
