@@ -58,8 +58,12 @@ def test_decode_phase_speedup_excludes_the_drafters_setup_and_matches_the_predic
                  draft_setup_ms=40.0,
                  total_ms=98.0, draft_token_ms=2.0, target_step_ms=10.0, verify_ms=12.0)  # fmt: skip
     pd.DataFrame([token]).to_parquet(tmp_path / "token/shard-0.parquet")
-    summary = summarize(tmp_path, tmp_path / "summary.json")
+    summary = summarize(tmp_path, tmp_path / "summary.json", clips_path=tmp_path / "clips.parquet")
     entry = next(m for m in summary["methods"] if m["method"] == "token")
+    assert entry["accepted_drafts"] == 6 and entry["drafted"] == 6 and entry["alpha"] == 1.0
+    clips = pd.read_parquet(tmp_path / "clips.parquet").set_index("method")
+    assert clips.loc["token", "speedup"] == pytest.approx(100 / 98) and clips.loc["target", "speedup"] == 1.0
+    assert clips.loc["token", "tokens_per_forward"] == 2.5 and list(clips.loc["token", "output_ids"]) == list(range(10))
     assert entry["decode_speedup_median"] == pytest.approx((90 / 9) / (48 / 9))  # 1.875
     assert entry["predicted_decode_speedup"] == pytest.approx(3 / (2 * 0.2 + 1.2))  # the same quantity: 1.875
     assert entry["speedup_median"] == pytest.approx(100 / 98)  # end to end, set-up included

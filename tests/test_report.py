@@ -48,6 +48,12 @@ def results(tmp_path):
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
+    pd.DataFrame([{"sample_id": f"s{i}/0", "question_type": "shape", "question": "What shape?", "method": method, "k": k,
+                   "answer_text": f"answer {i}", "output_ids": [5, 2], "new_tokens": 2, "target_forwards": 1,
+                   "tokens_per_forward": 2.0, "drafted": 2, "accepted": 1, "ttft_ms": 1.0, "draft_setup_ms": 0.0,
+                   "decode_ms": 1.0, "total_ms": 2.0, "speedup": speedup}
+                  for method, k in (("feature", 4), ("feature", 2))
+                  for i, speedup in enumerate([0.5, 3.0, 1.5, 0.9, 2.0, 1.1, 0.7, 1.0])]).to_parquet(root / "spec" / "clips.parquet")
     (root / "adapter").mkdir()
     row = {"cosine_mean": 0.9839, "cosine_p10": 0.9, "cosine_p50": 0.99, "cosine_p90": 0.999, "cosine_at_least_0.9": 0.98,
            "top1_agreement": 0.808, "accepted_prefix_fraction": 0.33, "n_tokens": 708}  # fmt: skip
@@ -109,7 +115,10 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "| method | k | describe | shape |" in text["speculative"]
     assert "| clips / target's median answer tokens | | 2 / 52 | 2 / 2 |" in text["speculative"]
     assert "| feature | 4 | 2.31x (2.10-2.52) | 0.91x (0.80-1.02) |" in text["speculative"]
-    for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png"):
+    assert "## feature k=4 (8 clips)" in text["clips"] and "k=2" not in text["clips"]  # the best k only
+    assert "| best | s1/0 | shape | What shape? | answer 1 | 2 | 2.00 | 3.00x |\n| best | s4/0" in text["clips"]
+    assert "| worst | s0/0 | shape | What shape? | answer 0 | 2 | 2.00 | 0.50x |\n| worst | s6/0" in text["clips"]
+    for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png", "clip_speedups.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

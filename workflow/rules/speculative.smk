@@ -46,7 +46,8 @@ rule spec_summary:
         shards=expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
         manifest=f"{RESULTS}/data/manifest.parquet",
     output:
-        f"{SPEC}/summary.json",
+        summary=f"{SPEC}/summary.json",
+        clips=f"{SPEC}/clips.parquet",
     params:
         spec_dir=parent("shards", 2),
         code=command_code("spec-summary"),
@@ -55,4 +56,5 @@ rule spec_summary:
     benchmark:
         f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
-        "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output} 2> {log}"
+        "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output.summary}"
+        " --clips {output.clips} 2> {log}"

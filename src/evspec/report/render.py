@@ -9,6 +9,7 @@ Sections whose results a run did not produce (e.g. toy metrics on real checkpoin
     reports/{run}/stages.md       stage costs per model, 1 vs many images
     reports/{run}/alignment.md    adapter and draft-head metrics vs baselines
     reports/{run}/speculative.md  speedup, tau, alpha, acceptance per position, lossless check
+    reports/{run}/clips.md        per clip: the speedup's spread, the best and worst clips of each method
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from evspec.speculative.cost import expected_tokens_per_cycle, predicted_decode_
 from evspec.speculative.names import OWN_DRAFTERS  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
-PAGES = ("index", "data", "stages", "alignment", "speculative")
+PAGES = ("index", "data", "stages", "alignment", "speculative", "clips")
+CLIPS_SHOWN = 3  # best and worst clips per method on the per-clip page
 SOFTWARE = ("torch", "transformers", "snakemake", "numpy", "pandas", "h5py")
 
 
@@ -49,6 +51,7 @@ def render_reports(results: Path, config: dict, model_dirs: dict[str, str], out_
         context["stages"] = stages_section(results, temporary)
         context["alignment"] = alignment_section(results, temporary)
         context["spec"] = speculative_section(results, temporary)
+        context["clips"] = clips_section(results, context["spec"], temporary)
         context["lossless_alpha"] = LOSSLESS_ALPHA
         context["projection"] = projection(context["spec"], context["stages"]) if context["spec"] and context["stages"] else []
         context["toy"] = _json(results / "models" / "toy-metrics.json")
@@ -240,6 +243,27 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
             "answer_tokens_by_type": _answer_tokens_by_type(summary),
             "not_lossless": [m for m in ok if not m["lossless"]["consistent"] and m["method"] in OWN_DRAFTERS],
             "not_run": [m for m in summary["methods"] if m["status"] != "ok" and m["method"] in OWN_DRAFTERS]}  # fmt: skip
+
+
+def clips_section(results: Path, spec: dict | None, figures: Path) -> dict | None:
+    """Per clip, for each speculative method at its best k: the speedup's distribution (a figure) and the
+    clips where it gained most and least, with the question, the answer and its tokens per target forward."""
+    path = results / "spec" / "clips.parquet"
+    if spec is None or not spec["best"] or not path.is_file():
+        return None
+    clips = pd.read_parquet(path)
+    chosen = [(e["method"], e["k"]) for e in spec["best"]]
+    per_method = {f"{m} k={k}": clips[(clips["method"] == m) & (clips["k"] == k)].sort_values("speedup") for m, k in chosen}
+    figure, axis = plt.subplots(figsize=(7, 0.5 + 0.45 * len(per_method)))
+    axis.boxplot([rows["speedup"].to_numpy() for rows in per_method.values()], vert=False, whis=(5, 95))
+    axis.set_yticks(range(1, len(per_method) + 1), list(per_method))
+    axis.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axis.set(xlabel="speedup over the target alone, per clip (x)", title="per-clip speedup, each method at its best k")
+    _save(figure, figures / "clip_speedups.png")
+    columns = ["sample_id", "question_type", "question", "answer_text", "new_tokens", "tokens_per_forward", "speedup"]
+    return {"path": str(path), "methods": {name: {"n": len(rows), "worst": rows.head(CLIPS_SHOWN)[columns].to_dict("records"),
+                                                  "best": rows.tail(CLIPS_SHOWN)[::-1][columns].to_dict("records")}
+                                           for name, rows in per_method.items()}}  # fmt: skip
 
 
 def _verdict(best: dict) -> str:

@@ -76,6 +76,10 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
                 row["exact_match"] = row["output_ids"] == reference
             if index > 0:  # the first pass over clip 0 is the warm-up (graph capture, caches)
                 rows[method].append(row)
+    for method_rows in rows.values():  # the answer as text, for the per-clip page
+        for row in method_rows:
+            if row["status"] == "ok":
+                row["answer_text"] = pair.target_tokenizer.decode(row["output_ids"], skip_special_tokens=True)
     for method, k in variants if engines is not None else []:
         if method in OWN_DRAFTERS:
             costs = engines.unit_costs(method, loaded[-1], k)
@@ -99,7 +103,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
            "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
            "draft_setup_ms", "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match",
-           "draft_token_ms", "target_step_ms", "verify_ms"]  # fmt: skip
+           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text"]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 

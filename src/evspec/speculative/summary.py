@@ -42,11 +42,12 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
     return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
-def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None) -> dict:
-    """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional)."""
-    question_types = None
+def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None) -> dict:
+    """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional);
+    `clips_path`: where to write the per-clip table (`clip_table`)."""
+    question_types = manifest = None
     if manifest_path is not None:
-        manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type"])
+        manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type", "question"])
         question_types = manifest.set_index("sample_id")["question_type"]
     paths = sorted(path for path in spec_dir.glob("*/shard-*.parquet") if path.parent.name != "lossless")
     if not paths:
@@ -95,7 +96,30 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None)
             entry.update(_acceptance(ran))
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
+    if clips_path is not None:
+        with atomic_output(clips_path) as temporary:
+            clip_table(rows, manifest).to_parquet(temporary, index=False)
     return summary
+
+
+CLIP_COLUMNS = ["sample_id", "question_type", "question", "method", "k", "answer_text", "output_ids", "new_tokens",
+                "target_forwards", "tokens_per_forward", "drafted", "accepted", "ttft_ms", "draft_setup_ms",
+                "decode_ms", "total_ms", "speedup"]  # fmt: skip
+
+
+def clip_table(rows: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per clip and (method, k) that ran: the question, the answer as text and ids, the target
+    forwards and tokens per forward, the drafts, the times, and the speedup over the target on that clip."""
+    ran = rows[rows["status"] == "ok"].copy()
+    target_ms = ran[ran["method"] == "target"].set_index("sample_id")["total_ms"]
+    ran["speedup"] = ran["sample_id"].map(target_ms) / ran["total_ms"]
+    ran["tokens_per_forward"] = ran["new_tokens"] / ran["target_forwards"].where(lambda n: n > 0)
+    if manifest is not None:
+        ran = ran.merge(manifest, on="sample_id", how="left")
+    for column in CLIP_COLUMNS:
+        if column not in ran:
+            ran[column] = None
+    return ran[CLIP_COLUMNS].sort_values(["method", "k", "sample_id"]).reset_index(drop=True)
 
 
 def _median_and_interval(name: str, values: np.ndarray) -> dict:
