@@ -36,7 +36,7 @@ from evspec.models.configs import small_text_config
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import HybridDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler, SamplingSpec
 
@@ -118,7 +118,8 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
 def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed: int = 0, noise: float = 0.1,
           head_std: float = 0.7, device: str = "cpu", tree: tuple[int, int] = (3, 6)):
     """`draws` answers of n_tokens, their cycle counts, and the reference law along them. Kind "token-tree":
-    EventGPT's EAGLE-2 tree of depth k with `tree` = (top_k, nodes), verified by `decode_speculative_tree`."""
+    EventGPT's EAGLE-2 tree of depth k with `tree` = (top_k, nodes), verified by `decode_speculative_tree`;
+    "hybrid": EventGPT's chain and the head's chain of k as one tree (`HybridDrafter`), verified the same way."""
     pair = Pair(seed=3, noise=noise, head_std=head_std, device=device)  # a first token the draft can guess
     target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
     draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
@@ -127,8 +128,10 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
     for _ in range(draws):
         target.rewind(PROMPT_LENGTH)
         draft.rewind(PROMPT_LENGTH)
-        if kind == "token-tree":
-            drafter = TokenTreeDrafter(draft, pair.vocabulary, draft_sampler, k, *tree)
+        if kind in ("token-tree", "hybrid"):
+            drafter = TokenTreeDrafter(draft, pair.vocabulary, draft_sampler, k, *tree) if kind == "token-tree" else \
+                HybridDrafter(TokenDrafter(draft, pair.vocabulary, TARGET_VOCAB, draft_sampler),
+                              _drafter("head", pair, draft, draft_prefill, target, k, target_sampler), k)  # fmt: skip
             result = decode_speculative_tree(target, target_prefill, drafter, k, n_tokens, None, target_sampler)
         else:
             drafter = _drafter(kind, pair, draft, draft_prefill, target, k, draft_sampler)
@@ -212,16 +215,19 @@ def _keep_first_children(logits, ids, parents, children, sampler):
     return path, kept + [int(sampler.draw(sampler.probabilities(logits[path[-1]])))]
 
 
-TREE_CASES = [  # (depth, spec, (top_k, nodes), (draft noise, target head std)): flatter targets than the chains'
-    (2, SamplingSpec(0.9, top_p=0.8), (3, 6), (0.3, 0.25)),  # tests, so that later siblings are often kept
-    (3, SamplingSpec(1.3, top_k=5), (2, 7), (0.2, 0.35)),
+TREE_CASES = [  # (kind, depth, spec, (top_k, nodes), (draft noise, target head std)): flatter targets than the
+    ("token-tree", 2, SamplingSpec(0.9, top_p=0.8), (3, 6), (0.3, 0.25)),  # chains' tests, so that later siblings
+    ("token-tree", 3, SamplingSpec(1.3, top_k=5), (2, 7), (0.2, 0.35)),  # are often kept
+    ("hybrid", 2, SamplingSpec(1.2, top_p=0.9), (0, 0), (0.3, 0.25)),
 ]
 
 
-@pytest.mark.parametrize("depth, spec, tree, pair_shape", TREE_CASES, ids=[f"depth{c[0]}-top{c[2][0]}" for c in TREE_CASES])
-def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tree, pair_shape, monkeypatch,
+@pytest.mark.parametrize("kind, depth, spec, tree, pair_shape", TREE_CASES,
+                         ids=[f"{c[0]}-depth{c[1]}-top{c[3][0]}" for c in TREE_CASES])  # fmt: skip
+def test_tree_sampling_follows_the_target_law_at_every_position(kind, depth, spec, tree, pair_shape, monkeypatch,
                                                                 device="cpu"):  # fmt: skip
-    """EventGPT's draft tree verified by recursive rejection over siblings: every answer position and the first
+    """EventGPT's draft tree (or the hybrid's two chains as one tree) verified by recursive rejection over
+    siblings: every answer position and the first
     depth + 1 tokens jointly follow the target's law. Every way down the tree ran often enough to matter: a first
     child kept, a later sibling kept after the ones before it were rejected, every child rejected (the
     target's token from what is left) and a leaf reached (its bonus), and ids the draft cannot propose.
@@ -239,14 +245,14 @@ def test_tree_sampling_follows_the_target_law_at_every_position(depth, spec, tre
     monkeypatch.setattr(decode_module, "_accept_tree", recorded)
     n_tokens = 2 * depth + 3
     noise, head_std = pair_shape
-    answers, reference, paths, pair = _draw("token-tree", depth, spec, n_tokens, 400, noise=noise, head_std=head_std,
+    answers, reference, paths, pair = _draw(kind, depth, spec, n_tokens, 400, noise=noise, head_std=head_std,
                                             device=device, tree=tree)  # fmt: skip
     ways["ids the draft cannot propose"] = paths["ids the draft cannot propose"]
     for way, count in ways.items():
         assert count >= 30, f"{way}: {count} times"
     assert _p_value(answers, reference, pair, spec, depth) > 1e-3
     monkeypatch.setattr(decode_module, "_accept_tree", _keep_first_children)
-    control, control_reference, *_ = _draw("token-tree", depth, spec, n_tokens, 200, noise=noise, head_std=head_std,
+    control, control_reference, *_ = _draw(kind, depth, spec, n_tokens, 200, noise=noise, head_std=head_std,
                                            device=device, tree=tree)  # fmt: skip
     assert _p_value(control, control_reference, pair, spec, depth) < 1e-4, "the test must tell a wrong law apart"
 

@@ -16,7 +16,7 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import HeadTreeDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import HeadTreeDrafter, HybridDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.speculative.sampling import Sampler
 
 EOS = 2
@@ -179,6 +179,86 @@ def test_head_tree_drafts_are_lossless(seed):
             assert result.drafted > 0 and len(result.drafted_per_position) == depth
 
 
+class _OracleChain:
+    """A head stand-in that drafts the target's own greedy answer: every draft it proposes is kept."""
+
+    def __init__(self, answer: list[int]) -> None:
+        self.answer = answer
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        self.length = 1
+
+    def propose(self, k: int):
+        return torch.tensor((self.answer + [EOS] * k)[self.length : self.length + k]), None
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        self.length += len(tokens)
+
+
+class _CheckedHybrid(HybridDrafter):
+    """Checks at every proposal that EventGPT's chain is what EventGPT, prefilled afresh with the prompt and the
+    tokens committed so far, drafts greedily: its cache kept exactly its drafts on the kept paths."""
+
+    def __init__(self, token, head, k, fresh_chain) -> None:
+        super().__init__(token, head, k)
+        self.fresh_chain, self.checked = fresh_chain, 0
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        super().start(first_token, first_hidden)
+        self.committed = [first_token]
+
+    def propose_tree(self):
+        out = super().propose_tree()
+        if len(self.committed) < 20:  # the later cycles may run into the answer's end
+            assert self.chains[0] == self.fresh_chain(self.committed, self.k), self.committed
+            self.checked += 1
+        return out
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        super().commit(tokens, hidden)
+        self.committed += tokens
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hybrid_trees_are_lossless_and_eventgpt_keeps_only_its_drafts_on_the_kept_path(seed):
+    """EventGPT's chain and the head's chain as one tree leave the target's answer unchanged. With a head that
+    drafts the target's answer the kept path follows the head's branch, so EventGPT's own chain is mostly
+    rejected: its cache must keep just its drafts on the kept path (checked against EventGPT prefilled afresh),
+    and the per-source counts must say who proposed what was kept."""
+    vocab = 60
+    target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
+
+    def fresh_chain(committed: list[int], k: int) -> list[int]:
+        fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
+        chain = []
+        for _ in range(k):
+            chain.append(int(out.logits[0, -1].argmax()))
+            out = fresh.step(torch.tensor([[chain[-1]]]))
+        return chain
+
+    torch.manual_seed(seed)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    checked = 0
+    for k in (1, 3, 5):
+        engine.rewind(ids.shape[1])
+        random_head = HybridDrafter(TokenDrafter(_prefilled(draft, 5, prompt, 400, seed)[0], shared(vocab), vocab + 2,
+                                                 Sampler()), _head_engine(head, target, k), k)  # fmt: skip
+        result = decode_speculative_tree(engine, prefill, random_head, k, 24, EOS, Sampler())
+        assert result.output_ids == reference, k
+        engine.rewind(ids.shape[1])
+        oracle = _CheckedHybrid(TokenDrafter(_prefilled(draft, 5, prompt, 400, seed)[0], shared(vocab), vocab + 2,
+                                             Sampler()), _OracleChain(reference), k, fresh_chain)  # fmt: skip
+        result = decode_speculative_tree(engine, prefill, oracle, k, 24, EOS, Sampler())
+        assert result.output_ids == reference and oracle.checked >= 1, k
+        checked += oracle.checked
+        assert result.target_forwards == -(-(len(reference) - 1) // (k + 1))  # the head's branch: all k kept
+        # every kept token but the target's own one per cycle was the head's draft (the last cycle's drafts
+        # past the answer's end count too)
+        assert oracle.accepted_by_source["head"] >= len(reference) - 1 - result.target_forwards
+        assert oracle.accepted_by_source["eventgpt"] < oracle.accepted_by_source["head"]
+    assert checked >= 4  # proposals whose EventGPT chain was checked, over the three k
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_eventgpt_tree_drafts_are_lossless_and_a_perfect_draft_fills_every_level(seed):
     """EAGLE-2 trees from EventGPT's engine (levels grown on its own tree cache) leave the target's answer
@@ -214,15 +294,15 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train", tree_top_k=2, tree_nodes=5,
                             methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature",
-                                     "feature-tree", "prefill"),
+                                     "feature-tree", "hybrid", "prefill"),
                             draft_lengths={"hf-assisted": [2], "token": [1, 3], "token-tree": [3], "feature": [2],
-                                           "feature-tree": [2], "prefill": [2]})  # fmt: skip
+                                           "feature-tree": [2], "hybrid": [2], "prefill": [2]})  # fmt: skip
     embeddings = pair.draft.get_input_embeddings()
     frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
     assert pair.draft.get_input_embeddings() is embeddings  # transformers' assisted decoding left EventGPT whole
     target = frames["target"].set_index("sample_id")
     assert len(target) == 3 and (target["status"] == "ok").all()
-    for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "prefill"):
+    for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill"):
         rows = frames[method]
         assert (rows["status"] == "ok").all() and rows["exact_match"].all(), method
         assert set(rows["k"]) == {0} if method == "hf-generate" else True
@@ -240,8 +320,11 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert 0.0 <= entries[("feature", 2)]["alpha"] <= 1.0
     assert entries[("target", 0)]["speedup_median"] == 1.0
     assert "predicted_decode_speedup" in entries[("token", 3)]
-    for tree in (("token-tree", 3), ("feature-tree", 2)):
+    for tree in (("token-tree", 3), ("feature-tree", 2), ("hybrid", 2)):
         assert "predicted_decode_speedup" in entries[tree] and entries[tree]["verify_ratio"] > 0, tree
+    hybrid = frames["hybrid"]
+    assert set(entries[("hybrid", 2)]["accepted_by_source"]) == {"eventgpt", "head"}
+    assert (hybrid[["accepted_from_eventgpt", "accepted_from_head"]].max(axis=1) <= hybrid["accepted"] + 2).all()
 
 
 def test_drafts_past_the_answers_end_are_not_counted():

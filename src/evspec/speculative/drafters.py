@@ -1,4 +1,5 @@
-"""EventGPT as a drafter (`token`, `prefill`); the draft head's drafter is its engine (`evspec.engine.head`).
+"""EventGPT as a drafter (`token`, `prefill`, trees); the draft head's drafter is its engine (`evspec.engine.head`);
+both at once (`hybrid`).
 
 Each holds its own `Sampler` (the run's sampling spec, a random stream on its device) and
 returns, when sampling, the distribution q each draft was drawn from, over the target's
@@ -51,9 +52,14 @@ class TokenDrafter:
         return _stacked(ids, probs)
 
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
-        n_accepted, k = len(tokens) - 1, len(self.proposed)
-        self.draft.rewind(self.base + min(n_accepted, k - 1))  # drafts 1..k-1 were fed; keep the accepted
-        self.pending = ([tokens[-2]] if n_accepted == k else []) + [tokens[-1]]  # tokens[-2]: the last draft
+        self.keep(len(tokens) - 1, tokens)  # its chain was verified: the kept tokens are its accepted drafts + one
+
+    def keep(self, matched: int, tokens: list[int]) -> None:
+        """The target kept `tokens`, of which the first `matched` are this drafter's first drafts: keep those
+        it has fed (drafts 1..k-1) in its cache; the rest of `tokens` are pending."""
+        fed = min(matched, len(self.proposed) - 1)
+        self.draft.rewind(self.base + fed)
+        self.pending = tokens[fed:]
 
 
 class TokenTreeDrafter:
@@ -191,3 +197,51 @@ class HeadTreeDrafter:
 
     def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
         self.engine.commit(tokens, hidden)
+
+
+class HybridDrafter:
+    """EventGPT's chain of k (token level) and the draft head's chain of k (feature level) verified together,
+    as the two branches of one tree (`hybrid`): the chains' common prefix is one path, and they split where
+    they first differ. Either drafter's chain may be the one the target follows; EventGPT keeps in its cache
+    only its own drafts on the kept path, the head caches the target's states whatever was kept.
+
+    Under sampling each chain is drawn from its drafter's own law, independently of the target's draws, and
+    the tree is verified by recursive rejection with point-mass drafts (`decode._accept_tree`), which keeps
+    the target's law for any tree chosen so. `accepted_by_source` counts the accepted drafts each drafter
+    proposed (a draft both proposed counts for both).
+    """
+
+    SOURCES = ("eventgpt", "head")
+
+    def __init__(self, token: TokenDrafter, head: HeadEngine, k: int) -> None:
+        self.token, self.head, self.k = token, head, k
+        self.accepted_by_source = dict.fromkeys(self.SOURCES, 0)
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        self.token.start(first_token, first_hidden)
+        self.head.start(first_token, first_hidden)
+
+    def propose_tree(self) -> tuple[torch.Tensor, list[int]]:
+        chains = [self.token.propose(self.k)[0], self.head.propose(self.k)[0].to(self.token.draft.device)]
+        self.chains = torch.stack(chains).tolist()  # one host read for both
+        self.nodes: list[tuple[int, int, set[str]]] = []  # (token, parent, sources): a trie of the two chains
+        for source, chain in zip(self.SOURCES, self.chains):
+            parent = -1
+            for token in chain:
+                node = next((i for i, (t, p, _) in enumerate(self.nodes) if p == parent and t == token), None)
+                if node is None:
+                    node = len(self.nodes)
+                    self.nodes.append((token, parent, set()))
+                self.nodes[node][2].add(source)
+                parent = node
+        return torch.tensor([t for t, _, _ in self.nodes]), [p for _, p, _ in self.nodes]
+
+    def commit(self, tokens: list[int], hidden: torch.Tensor) -> None:
+        accepted = tokens[:-1]  # the path's drafts; the last token is the target's own
+        for source, chain in zip(self.SOURCES, self.chains):
+            matched = next((i for i, (a, b) in enumerate(zip(chain, accepted)) if a != b), min(len(chain), len(accepted)))
+            self.accepted_by_source[source] += matched
+            if source == "eventgpt":
+                self.token.keep(matched, tokens)
+        self.head.commit(tokens, hidden)
+

@@ -12,6 +12,8 @@ the clock starts), each method answers from scratch:
                   by recursive rejection over siblings)
     feature       as target, then the draft head (reading EventGPT's event tokens) drafts k
     feature-tree  as feature, but the head drafts an EAGLE-2 tree of depth k (the same tree settings)
+    hybrid        EventGPT's chain of k and the head's chain of k as two branches of one tree, verified in one
+                  target forward (`HybridDrafter`; accepted drafts counted per source)
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
 
@@ -45,7 +47,8 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
-from evspec.speculative.drafters import HeadTreeDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import (HeadTreeDrafter, HybridDrafter, PrefetchedDrafter, TokenDrafter,
+                                         TokenTreeDrafter)
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.names import DRAFTING, HEAD_METHODS, TREES
 from evspec.speculative.sampling import Sampler, SamplingSpec
@@ -190,6 +193,9 @@ class Engines:
     def head_tree_drafter(self, clip: Clip, depth: int) -> HeadTreeDrafter:
         return HeadTreeDrafter(self.head_drafter(clip), depth, self.settings.tree_top_k, self.settings.tree_nodes)
 
+    def hybrid_drafter(self, clip: Clip, k: int) -> HybridDrafter:
+        return HybridDrafter(self.token_drafter(clip), self.head_drafter(clip), k)
+
     def head_drafter(self, clip: Clip) -> HeadEngine:
         """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
         if self.head_engine is None:
@@ -234,7 +240,7 @@ class Engines:
         token = prefill.logits[:, -1].argmax(-1)
         tree = method in TREES
         drafters = {"feature": self.head_drafter, "token-tree": lambda c: self.token_tree_drafter(c, k),
-                    "feature-tree": lambda c: self.head_tree_drafter(c, k)}
+                    "feature-tree": lambda c: self.head_tree_drafter(c, k), "hybrid": lambda c: self.hybrid_drafter(c, k)}
         drafter = drafters.get(method, self.token_drafter)(clip)
         drafter.start(int(token), prefill.hidden[0, -1])
         hidden = prefill.hidden[0, -1:].clone()
@@ -284,7 +290,11 @@ def _with_drafter(make_drafter: Callable[[Engines, Clip, int], object]):
         ttft_ms = clock.ms()
         drafter = make_drafter(engines, clip, k)
         setup_ms = clock.ms() - ttft_ms
-        return Timed(engines.speculative(prefill, drafter, k, max_new_tokens), ttft_ms, setup_ms, clock.ms())
+        decoded = engines.speculative(prefill, drafter, k, max_new_tokens)
+        total_ms = clock.ms()
+        if isinstance(drafter, HybridDrafter):
+            decoded.accepted_by_source = dict(drafter.accepted_by_source)
+        return Timed(decoded, ttft_ms, setup_ms, total_ms)
 
     return method
 
@@ -338,6 +348,7 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "token-tree": _with_drafter(Engines.token_tree_drafter),
     "feature": _with_drafter(lambda engines, clip, k: engines.head_drafter(clip)),
     "feature-tree": _with_drafter(Engines.head_tree_drafter),
+    "hybrid": _with_drafter(Engines.hybrid_drafter),
     "prefill": _prefill,
     DRAFT_ALONE: _draft_alone,
 }

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "prefill")  # need draft_lengths
-OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "prefill")  # whose unit costs (c, v) are measured
-TREES = ("token-tree", "feature-tree")  # methods that draft trees: k is the depth
-HEAD_METHODS = ("feature", "feature-tree")  # methods that need the trained draft head
+DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill")  # need draft_lengths
+OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "hybrid", "prefill")  # whose c and v are measured
+TREES = ("token-tree", "feature-tree", "hybrid")  # methods that verify trees: k is the depth
+HEAD_METHODS = ("feature", "feature-tree", "hybrid")  # methods that need the trained draft head

@@ -103,7 +103,8 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
            "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
            "draft_setup_ms", "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match",
-           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text"]  # fmt: skip
+           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", "accepted_from_eventgpt",
+           "accepted_from_head"]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 
@@ -124,7 +125,8 @@ def _run_one(engines: Engines, method: str, clip: Clip, k: int, settings: SpecSe
             "drafted_per_position": decoded.drafted_per_position,
             "reached_per_position": decoded.reached_per_position,
             "accepted_per_position": decoded.accepted_per_position, "ttft_ms": timed.ttft_ms,
-            "draft_setup_ms": timed.draft_setup_ms, "decode_ms": timed.decode_ms, "total_ms": timed.total_ms}  # fmt: skip
+            "draft_setup_ms": timed.draft_setup_ms, "decode_ms": timed.decode_ms, "total_ms": timed.total_ms,
+            **{f"accepted_from_{source}": count for source, count in (decoded.accepted_by_source or {}).items()}}  # fmt: skip
 
 
 def _lossless_draws(engines: Engines | None, loaded: list[Clip], chosen: set[str], variants: list[tuple[str, int]],

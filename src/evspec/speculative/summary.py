@@ -94,6 +94,9 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
             entry["lossless_test"] = lossless_test(draws, method, int(k))
         if ran["drafted"].sum() > 0:
             entry.update(_acceptance(ran))
+        sources = [c for c in ran.columns if c.startswith("accepted_from_") and ran[c].notna().any()]
+        if sources:  # hybrid: accepted drafts by the drafter that proposed them
+            entry["accepted_by_source"] = {c.removeprefix("accepted_from_"): int(ran[c].sum()) for c in sources}
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if clips_path is not None:
