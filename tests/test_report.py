@@ -46,7 +46,8 @@ def results(tmp_path):
                                        drafted=400,
                                        reached_by_position=[100, 90, 80, 70], accepted_by_position=[90, 80, 70, 60],
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
-                           {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"}]}  # fmt: skip
+                           {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"},
+                           _spec_entry("target-1frame", 0, 1.6, exact_match_rate=0.25)]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame([{"sample_id": f"s{i}/0", "question_type": "shape", "question": "What shape?", "method": method, "k": k,
                    "answer_text": f"answer {i}", "output_ids": [5, 2], "new_tokens": 2, "target_forwards": 1,
@@ -88,6 +89,8 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
             in text["index"])  # fmt: skip
     assert "feature with k = 4, is faster than the target alone:\n1.87x" in text["index"]
     assert "| hf-assisted | 4 | not run | not run: ValueError: nope | |" in text["index"]  # a peer, in its own table
+    assert "| target-1frame | 1.60x | 1.50-1.80 | 25.0% |" in text["index"]  # an input variant, by agreement
+    assert "another input: 25.0% of clips agree" in text["speculative"]
     assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
         in text["index"]  # fmt: skip
     # 80.8% vs 90.0% of 708 tokens: -9.2 points +- 1.96 sqrt((.808 .192 + .9 .1) / 708) = +- 3.6

@@ -294,7 +294,7 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train", tree_top_k=2, tree_nodes=5,
                             methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature",
-                                     "feature-tree", "hybrid", "prefill"),
+                                     "feature-tree", "hybrid", "prefill", "target-1frame"),
                             draft_lengths={"hf-assisted": [2], "token": [1, 3], "token-tree": [3], "feature": [2],
                                            "feature-tree": [2], "hybrid": [2], "prefill": [2]})  # fmt: skip
     embeddings = pair.draft.get_input_embeddings()
@@ -322,6 +322,10 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert "predicted_decode_speedup" in entries[("token", 3)]
     for tree in (("token-tree", 3), ("feature-tree", 2), ("hybrid", 2)):
         assert "predicted_decode_speedup" in entries[tree] and entries[tree]["verify_ratio"] > 0, tree
+    one_frame = frames["target-1frame"].set_index("sample_id")
+    assert (one_frame["status"] == "ok").all() and len(one_frame) == 3  # fewer video tokens, a faster first token:
+    assert (one_frame["ttft_ms"] < target["ttft_ms"]).mean() >= 2 / 3  # its answers may differ (agreement, not lossless)
+    assert entries[("target-1frame", 0)]["exact_match_rate"] == one_frame["exact_match"].mean()
     hybrid = frames["hybrid"]
     assert set(entries[("hybrid", 2)]["accepted_by_source"]) == {"eventgpt", "head"}
     assert (hybrid[["accepted_from_eventgpt", "accepted_from_head"]].max(axis=1) <= hybrid["accepted"] + 2).all()

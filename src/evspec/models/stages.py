@@ -134,8 +134,9 @@ class VideoLlavaStages(LanguageStages):
         self.image_size = model.config.vision_config.image_size
         self.n_images = VIDEO_LLAVA_FRAMES
 
-    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
-        ids = video_llava_prompt_ids(tokenizer, question, n_video_tokens(self.model.config, self.n_images))
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, question: str, n_frames: int | None = None) -> torch.Tensor:
+        """The prompt with the video tokens of `n_frames` frames (default: Video-LLaVA's 8)."""
+        ids = video_llava_prompt_ids(tokenizer, question, n_video_tokens(self.model.config, n_frames or self.n_images))
         return torch.tensor([ids])
 
     @torch.no_grad()

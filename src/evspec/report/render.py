@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 from evspec.atomic import atomic_output  # noqa: E402
 from evspec.fingerprint import model_fingerprint, settings_digest  # noqa: E402
 from evspec.speculative.cost import expected_tokens_per_cycle, predicted_decode_speedup  # noqa: E402
-from evspec.speculative.names import OWN_DRAFTERS  # noqa: E402
+from evspec.speculative.names import INPUT_VARIANTS, OWN_DRAFTERS  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGES = ("index", "data", "stages", "alignment", "speculative", "clips")
@@ -239,7 +239,8 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
     ranked = sorted(best.values(), key=lambda e: -e["speedup_median"])
     own = [e for e in ranked if e["method"] in OWN_DRAFTERS]
     return {**summary, "best": own, "verdict": _verdict(own[0]) if own else None,
-            "peers": [m for m in summary["methods"] if m["method"] not in (*OWN_DRAFTERS, "target")],
+            "peers": [m for m in summary["methods"] if m["method"] not in (*OWN_DRAFTERS, *INPUT_VARIANTS, "target")],
+            "input_variants": [m for m in summary["methods"] if m["method"] in INPUT_VARIANTS],
             "answer_tokens_by_type": _answer_tokens_by_type(summary),
             "not_lossless": [m for m in ok if not m["lossless"]["consistent"] and m["method"] in OWN_DRAFTERS],
             "not_run": [m for m in summary["methods"] if m["status"] != "ok" and m["method"] in OWN_DRAFTERS]}  # fmt: skip
@@ -290,6 +291,10 @@ def _lossless_evidence(entry: dict, greedy: bool) -> dict:
     """What shows a method lossless: exact ids (greedy) or the distribution test (sampling)."""
     if entry["status"] != "ok" or entry["method"] == "target":
         return {"consistent": entry["status"] == "ok", "text": "reference" if entry["method"] == "target" else "-"}
+    if entry["method"] in INPUT_VARIANTS:  # another input: its answers may differ, by design
+        rate = entry.get("exact_match_rate")
+        return {"consistent": True, "text": "another input: " + (f"{100 * rate:.1f}% of clips agree" if rate is not None
+                                                                 else "agreement not measured when sampling")}  # fmt: skip
     if greedy:
         rate = entry["exact_match_rate"]
         return {"consistent": rate == 1.0, "text": f"{100 * rate:.1f}% of clips identical"}

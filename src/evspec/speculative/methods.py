@@ -16,6 +16,9 @@ the clock starts), each method answers from scratch:
                   target forward (`HybridDrafter`; accepted drafts counted per source)
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
+    target-1frame the target alone on the clip's 1-frame variant (its last frame): an input variant, not a
+                  speculative method; its answers are compared with the 8-frame target's (agreement, not
+                  losslessness), to say what the frames cost and buy
 
 `prefill` overlaps for real: on one GPU the draft's work runs on a side stream that waits
 only for an event recorded once the clip's inputs are on the device (not for the target's
@@ -124,6 +127,8 @@ class Clip:
     events: torch.Tensor  # [T, 3, S', S'] on the draft's device
     target_ids: torch.Tensor  # [1, S] the target's prompt, on the host
     draft_ids: torch.Tensor  # [1, S'] EventGPT's prompt, on the host
+    frame: torch.Tensor | None = None  # [1, 3, S, S] the clip's 1-frame variant (its last frame), target's device
+    target_ids_one_frame: torch.Tensor | None = None  # [1, S1] the target's prompt for one frame, on the host
 
 
 @dataclass
@@ -281,6 +286,19 @@ def _target(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
     return Timed(decoded, ttft_ms, 0.0, clock.ms())
 
 
+def _target_one_frame(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
+    """The target on one frame (Video-LLaVA's video tokens of a 1-frame video), the same decoding as `target`."""
+    if clip.frame is None or clip.target_ids_one_frame is None:
+        raise ValueError(f"{clip.sample_id}: target-1frame needs the clip's 1-frame variant (frame_single)")
+    clock = engines.clock()
+    visual = engines.target.visual_tokens(clip.frame)
+    prefill = engines.target_engine.prefill(engines.target.embed(clip.target_ids_one_frame, visual))
+    ttft_ms = clock.ms()
+    decoded = decode_target(engines.target_engine, prefill.logits, max_new_tokens, engines.eos, engines.target_sampler)
+    decoded.target_forwards += 1  # the prefill gave the first token
+    return Timed(decoded, ttft_ms, 0.0, clock.ms())
+
+
 def _with_drafter(make_drafter: Callable[[Engines, Clip, int], object]):
     """A method: the target's vision and prefill, the drafter's set-up (timed apart), then speculation."""
 
@@ -350,5 +368,6 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "feature-tree": _with_drafter(Engines.head_tree_drafter),
     "hybrid": _with_drafter(Engines.hybrid_drafter),
     "prefill": _prefill,
+    "target-1frame": _target_one_frame,
     DRAFT_ALONE: _draft_alone,
 }

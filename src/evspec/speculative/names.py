@@ -7,3 +7,4 @@ DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "hy
 OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "hybrid", "prefill")  # whose c and v are measured
 TREES = ("token-tree", "feature-tree", "hybrid")  # methods that verify trees: k is the depth
 HEAD_METHODS = ("feature", "feature-tree", "hybrid")  # methods that need the trained draft head
+INPUT_VARIANTS = ("target-1frame",)  # the target on other inputs: compared with the target by agreement, not lossless

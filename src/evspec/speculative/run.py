@@ -35,7 +35,7 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.methods import Clip, Engines, SpecSettings
-from evspec.speculative.names import DRAFTING, OWN_DRAFTERS
+from evspec.speculative.names import DRAFTING, INPUT_VARIANTS, OWN_DRAFTERS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
     clips = split.iloc[shard::n_shards]
     with open_h5(data_dir / "tensors.h5") as handle:
         frames, events = require_dataset(handle, "frames"), require_dataset(handle, "event_images")
-        loaded = [_load_clip(row, frames, events, pair, settings, data_dir) for row in clips.itertuples()]
+        single = require_dataset(handle, "frame_single") if "target-1frame" in settings.methods else None
+        loaded = [_load_clip(row, frames, events, pair, settings, data_dir, single) for row in clips.itertuples()]
     if not loaded:
         log.warning("shard %d of %d holds no clips", shard, n_shards)
     engines = None
@@ -86,8 +87,9 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
             for row in rows[method]:
                 if row["k"] == k:
                     row.update(costs)
-    ran = [(method, k) for method, k in variants  # a variant this pair cannot run gets no draws either
-           if any(row["k"] == k and row["status"] == "ok" for row in rows[method])]  # fmt: skip
+    ran = [(method, k) for method, k in variants  # a variant this pair cannot run gets no draws either, nor does
+           if method not in INPUT_VARIANTS  # the target on other inputs (its law is not the target's to keep)
+           and any(row["k"] == k and row["status"] == "ok" for row in rows[method])]  # fmt: skip
     draws = _lossless_draws(engines, loaded, set(split["sample_id"].head(settings.lossless_clips)), ran, settings)
     frames_out = {}
     for method, method_rows in [*rows.items(), ("lossless", draws)]:
@@ -155,8 +157,9 @@ def _split_clips(data_dir: Path, settings: SpecSettings) -> pd.DataFrame:
     return clips.head(settings.max_clips) if settings.max_clips else clips
 
 
-def _load_clip(row, frames, events, pair: ModelPair, settings: SpecSettings, source: Path) -> Clip:
-    """Read and preprocess one clip on the host, then move it to the device (neither is timed)."""
+def _load_clip(row, frames, events, pair: ModelPair, settings: SpecSettings, source: Path, single=None) -> Clip:
+    """Read and preprocess one clip on the host, then move it to the device (neither is timed); with `single`
+    (the data stage's frame_single), its 1-frame variant too."""
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     draft_device = torch.device(settings.draft_device or settings.device)
     clip_frames, clip_events = frames[row.tensor_index], events[row.tensor_index]
@@ -166,5 +169,10 @@ def _load_clip(row, frames, events, pair: ModelPair, settings: SpecSettings, sou
     check_images(clip_events, pair.draft.config.n_event_images, f"event images of {row.sample_id}", source)
     target_ids = VideoLlavaStages(pair.target).prompt_ids(pair.target_tokenizer, row.question)
     draft_ids = EventGPTStages(pair.draft).prompt_ids(pair.draft_tokenizer, row.question)
-    return Clip(row.sample_id, row.question, clip_preprocess(clip_frames, target_size).to(device, dtype),
+    clip = Clip(row.sample_id, row.question, clip_preprocess(clip_frames, target_size).to(device, dtype),
                 clip_preprocess(clip_events, draft_size).to(draft_device, dtype), target_ids, draft_ids)
+    if single is not None:
+        check_images(single[row.tensor_index], 1, f"the 1-frame variant of {row.sample_id}", source)
+        clip.frame = clip_preprocess(single[row.tensor_index], target_size).to(device, dtype)
+        clip.target_ids_one_frame = VideoLlavaStages(pair.target).prompt_ids(pair.target_tokenizer, row.question, 1)
+    return clip
