@@ -68,3 +68,22 @@ def test_decode_phase_speedup_excludes_the_drafters_setup_and_matches_the_predic
     assert entry["predicted_decode_speedup"] == pytest.approx(3 / (2 * 0.2 + 1.2))  # the same quantity: 1.875
     assert entry["speedup_median"] == pytest.approx(100 / 98)  # end to end, set-up included
     assert entry["tokens_per_cycle"] == 3.0 and entry["tau"] == 2.5
+
+
+def test_each_methods_k_is_chosen_on_the_selection_split_by_its_median_speedup(tmp_path):
+    """The k with the highest median speedup on the selection split's clips, lossless runs only."""
+    from evspec.speculative.summary import select_k
+
+    rows = []
+    for clip, target_ms in enumerate([100.0, 100.0, 100.0]):
+        rows.append({**_row("target", 0, 90.0, 10), "sample_id": f"s/{clip}", "total_ms": target_ms})
+        for k, ms in ((2, [50.0, 60.0, 200.0]), (4, [40.0, 70.0, 80.0]), (6, [10.0, 10.0, 10.0])):
+            rows.append({**_row("token", k, 40.0, 10), "sample_id": f"s/{clip}", "total_ms": ms[clip],
+                         "exact_match": k != 6})  # k = 6 is fastest but not lossless: not a candidate
+    for method in ("target", "token"):
+        (tmp_path / method).mkdir()
+        pd.DataFrame([r for r in rows if r["method"] == method]).to_parquet(tmp_path / method / "shard-0.parquet")
+    selection = select_k(tmp_path, "val")
+    # medians: k = 2 -> median(2.0, 1.67, 0.5) = 1.67; k = 4 -> median(2.5, 1.43, 1.25) = 1.43
+    assert selection["k"] == {"token": 2} and selection["n_clips"] == 3 and selection["split"] == "val"
+    assert selection["speedup_median"]["token"] == pytest.approx({2: 100 / 60, 4: 100 / 70})

@@ -25,8 +25,8 @@ TINY_CONFIG = {
     "bench": {"repeats": 3, "warmup": 1},
     "adapter": {"adapter_steps": 5, "head_steps": 5, "unroll_steps": 1, "adapter_hidden_size": 16,
                 "head_intermediate_size": 32},
-    "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "draft_lengths": {"hf-assisted": [2], "token": [2],
-                                                                                       "feature": [2], "prefill": [2]}},
+    "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "selection_split": None,
+                    "draft_lengths": {"hf-assisted": [2], "token": [2], "feature": [2], "prefill": [2]}},
 }
 DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter", "speculate",
                       "spec_summary", "bench_stages", "report"}
@@ -108,6 +108,7 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
     if config_file == "config.yaml":
         assert result.returncode == 0, result.stderr
         assert "synthesize_world" in result.stdout and "build_tensors" in result.stdout
+        assert "rule speculate_selection:" in result.stdout  # each method's k is chosen on the val split
     else:  # valid config; fails only because the example's DSEC files are not on this machine
         output = result.stdout + result.stderr
         assert "MissingInputException" in output and "zurich_city_00_a/events/left/events.h5" in output
@@ -125,6 +126,8 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
          r"windows.event_window_ms \(60\) must fit in windows.clip_duration_ms \(40\)"),
         ({"world": {**TINY_CONFIG["world"], "duration_s": 0.2}}, r"world.duration_s \(0.2\) is shorter than one clip"),
         ({"split": {"fractions": {"train": 0, "test": 0}}}, r"split.fractions gives no sequences to train and test"),
+        ({"speculative": {**TINY_CONFIG["speculative"], "selection_split": "val"}},
+         r"speculative.selection_split \('val'\) has no sequences in split.fractions"),
     ],
 )
 def test_invalid_config_fails_before_any_job_with_key_and_reason(tmp_path, change, message):

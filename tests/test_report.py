@@ -31,6 +31,7 @@ def results(tmp_path):
                "greedy": True, "target_decode_ms_per_token": 6.378,
                "answer_tokens": {"median": 41.0, "p10": 12.0, "p90": 80.0, "total": 170},
                "tau_definition": "new tokens / target forwards",
+               "selection": {"split": "val", "n_clips": 2, "k": {"feature": 4}, "speedup_median": {"feature": {"4": 1.1}}},
                "methods": [_spec_entry("target", 0, 1.0, by_question_type={
                                "describe": {"n_clips": 2, "speedup_median": 1.0, "speedup_ci95": [1.0, 1.0],
                                             "target_answer_tokens_median": 52.0},
@@ -47,7 +48,8 @@ def results(tmp_path):
                                        reached_by_position=[100, 90, 80, 70], accepted_by_position=[90, 80, 70, 60],
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"},
-                           _spec_entry("target-1frame", 0, 1.6, exact_match_rate=0.25)]}  # fmt: skip
+                           _spec_entry("target-1frame", 0, 1.6, exact_match_rate=0.25),
+                           _spec_entry("feature", 2, 2.0), _spec_entry("token", 2, 1.2), _spec_entry("token", 4, 1.3)]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame([{"sample_id": f"s{i}/0", "question_type": "shape", "question": "What shape?", "method": method, "k": k,
                    "answer_text": f"answer {i}", "output_ids": [5, 2], "new_tokens": 2, "target_forwards": 1,
@@ -90,6 +92,10 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "feature with k = 4, is faster than the target alone:\n1.87x" in text["index"]
     assert "| hf-assisted | 4 | not run | not run: ValueError: nope | |" in text["index"]  # a peer, in its own table
     assert "| target-1frame | 1.60x | 1.50-1.80 | 25.0% |" in text["index"]  # an input variant, by agreement
+    # feature's k was chosen on the val split (k = 4), though k = 2 is faster here; token's k here, and said so
+    assert "| feature | 2 | 2.00x" not in text["index"]
+    assert "fastest on the val split\n(2 clips: feature k = 4)" in text["index"]
+    assert "| token | 4 | 1.30x |" in text["index"] and "For token the best k is chosen on these same clips" in text["index"]
     assert "another input: 25.0% of clips agree" in text["speculative"]
     assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
         in text["index"]  # fmt: skip

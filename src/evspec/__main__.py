@@ -87,7 +87,7 @@ def _speculate(args: argparse.Namespace) -> None:
 def _spec_summary(args: argparse.Namespace) -> None:
     from evspec.speculative.summary import summarize
 
-    summarize(args.spec_dir, args.out, args.manifest, args.clips)
+    summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split)
 
 
 def _bench_stages(args: argparse.Namespace) -> None:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", type=Path, required=True, help="summary.json to write")
     summary.add_argument("--manifest", type=Path, help="the data stage's manifest.parquet: speedups per question type")
     summary.add_argument("--clips", type=Path, help="clips.parquet to write: one row per clip and method")
+    summary.add_argument("--selection-dir", type=Path, help="speculate's output on the split each method's k is chosen on")
+    summary.add_argument("--selection-split", default="val", help="the name of that split (reported)")
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")

@@ -36,5 +36,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     missing = [method for method in speculative["methods"] if method in DRAFTING and not lengths.get(method)]
     if missing:
         problems.append(f"speculative.draft_lengths needs a list of k for {missing} (speculative.methods runs them)")
+    selection = speculative.get("selection_split")
+    if selection and fractions.get(selection, 0) <= 0:
+        problems.append(f"speculative.selection_split ({selection!r}) has no sequences in split.fractions "
+                        f"({dict(fractions)}): give it a fraction, or set selection_split to null")  # fmt: skip
     if problems:
         raise InputError("config", "; ".join(problems))

@@ -3,6 +3,25 @@
 SPEC = f"{RESULTS}/spec"
 SPEC_CONFIG = config["speculative"]
 SPEC_SHARDS = range(SPEC_CONFIG["shards"])
+# each method's k is chosen on another split: the methods with several k run there too, with the target
+SELECTION = f"{SPEC}/selection"
+SELECTION_METHODS = ["target"] + [m for m in SPEC_CONFIG["methods"] if len(SPEC_CONFIG["draft_lengths"].get(m, [])) > 1]
+SELECTING = bool(SPEC_CONFIG["selection_split"]) and len(SELECTION_METHODS) > 1
+
+
+def speculate_settings(split: str, methods: list[str], **overrides) -> str:
+    """The speculate command's settings: the config's, on `split` with `methods`, and the models' runtime."""
+    settings = {key: value for key, value in SPEC_CONFIG.items() if key not in ("shards", "selection_split")}
+    return as_json(settings | {"split": split, "methods": methods} | overrides | MODEL_RUNTIME)
+
+
+SPECULATE = (
+    "python -m evspec speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
+    " --target {params.paths[target]} --draft-tokenizer {params.paths[draft_tokenizer]}"
+    " --target-tokenizer {params.paths[target_tokenizer]} --adapter-dir {input.adapter}"
+    " --settings {params.settings:q} --shard {wildcards.shard} --n-shards {params.n_shards}"
+    " --out-dir {params.out_dir} 2> {log}"
+)
 
 
 rule speculate:
@@ -20,8 +39,7 @@ rule speculate:
         data_dir=parent("manifest"),
         out_dir=parent("shards", 2),
         n_shards=SPEC_CONFIG["shards"],
-        settings=as_json({key: value for key, value in SPEC_CONFIG.items() if key != "shards"}
-                         | MODEL_RUNTIME),
+        settings=speculate_settings(SPEC_CONFIG["split"], SPEC_CONFIG["methods"]),
         code=command_code("speculate"),
     threads: SPEC_CONFIG["threads"]
     resources:
@@ -32,11 +50,36 @@ rule speculate:
     benchmark:
         f"{RESULTS}/benchmarks/speculate/shard-{{shard}}.tsv"
     shell:
-        "python -m evspec speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
-        " --target {params.paths[target]} --draft-tokenizer {params.paths[draft_tokenizer]}"
-        " --target-tokenizer {params.paths[target_tokenizer]} --adapter-dir {input.adapter}"
-        " --settings {params.settings:q} --shard {wildcards.shard} --n-shards {params.n_shards}"
-        " --out-dir {params.out_dir} 2> {log}"
+        SPECULATE
+
+
+rule speculate_selection:
+    conda:
+        ENV
+    input:
+        manifest=rules.build_tensors.output.manifest,
+        tensors=rules.build_tensors.output.tensors,
+        models=model_inputs(),
+        adapter=rules.train_adapter.output,
+    output:
+        shards=expand(f"{SELECTION}/{{method}}/shard-{{{{shard}}}}.parquet", method=SELECTION_METHODS),
+    params:
+        paths=model_paths(),
+        data_dir=parent("manifest"),
+        out_dir=parent("shards", 2),
+        n_shards=SPEC_CONFIG["shards"],
+        settings=speculate_settings(SPEC_CONFIG["selection_split"] or SPEC_CONFIG["split"], SELECTION_METHODS,
+                                    lossless_draws=0),  # the distribution test runs on the evaluated split
+        code=command_code("speculate"),
+    threads: SPEC_CONFIG["threads"]
+    resources:
+        gpu=(2 if SPEC_CONFIG["draft_device"] else 1) if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/speculate_selection/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speculate_selection/shard-{{shard}}.tsv"
+    shell:
+        SPECULATE
 
 
 rule spec_summary:
@@ -45,11 +88,14 @@ rule spec_summary:
     input:
         shards=expand(f"{SPEC}/{{method}}/shard-{{shard}}.parquet", method=SPEC_CONFIG["methods"], shard=SPEC_SHARDS),
         manifest=f"{RESULTS}/data/manifest.parquet",
+        selection=expand(f"{SELECTION}/{{method}}/shard-{{shard}}.parquet", method=SELECTION_METHODS,
+                         shard=SPEC_SHARDS) if SELECTING else [],
     output:
         summary=f"{SPEC}/summary.json",
         clips=f"{SPEC}/clips.parquet",
     params:
         spec_dir=parent("shards", 2),
+        selection=f"--selection-dir {SELECTION} --selection-split {SPEC_CONFIG['selection_split']}" if SELECTING else "",
         code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
@@ -57,4 +103,4 @@ rule spec_summary:
         f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
         "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output.summary}"
-        " --clips {output.clips} 2> {log}"
+        " --clips {output.clips} {params.selection} 2> {log}"

@@ -231,14 +231,21 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
     for entry in summary["methods"]:
         entry["lossless"] = _lossless_evidence(entry, summary["greedy"])
     ok = [m for m in summary["methods"] if m["status"] == "ok" and m["method"] != "target"]
+    selected = summary.get("selection", {}).get("k", {})  # each method's k, chosen on another split
     best = {}
     for entry in ok:
-        if entry["lossless"]["consistent"] and (entry["method"] not in best
-                                                or entry["speedup_median"] > best[entry["method"]]["speedup_median"]):
-            best[entry["method"]] = entry
+        method = entry["method"]
+        if not entry["lossless"]["consistent"] or (method in selected and entry["k"] != selected[method]):
+            continue
+        if method not in best or entry["speedup_median"] > best[method]["speedup_median"]:
+            best[method] = entry
+    ks = {}
+    for entry in ok:
+        ks.setdefault(entry["method"], set()).add(entry["k"])
+    chosen_here = sorted(m for m in best if len(ks[m]) > 1 and m not in selected)  # k fitted to these clips
     ranked = sorted(best.values(), key=lambda e: -e["speedup_median"])
     own = [e for e in ranked if e["method"] in OWN_DRAFTERS]
-    return {**summary, "best": own, "verdict": _verdict(own[0]) if own else None,
+    return {**summary, "best": own, "verdict": _verdict(own[0]) if own else None, "k_chosen_here": chosen_here,
             "peers": [m for m in summary["methods"] if m["method"] not in (*OWN_DRAFTERS, *INPUT_VARIANTS, "target")],
             "input_variants": [m for m in summary["methods"] if m["method"] in INPUT_VARIANTS],
             "answer_tokens_by_type": _answer_tokens_by_type(summary),

@@ -42,9 +42,11 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
     return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
-def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None) -> dict:
+def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None,
+              selection_dir: Path | None = None, selection_split: str = "val") -> dict:  # fmt: skip
     """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional);
-    `clips_path`: where to write the per-clip table (`clip_table`)."""
+    `clips_path`: where to write the per-clip table (`clip_table`); `selection_dir`: speculate's output on
+    another split, where each method's k is chosen (`select_k`)."""
     question_types = manifest = None
     if manifest_path is not None:
         manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type", "question"])
@@ -52,7 +54,7 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
     paths = sorted(path for path in spec_dir.glob("*/shard-*.parquet") if path.parent.name != "lossless")
     if not paths:
         raise InputError(spec_dir, "no {method}/shard-*.parquet files: run `python -m evspec speculate` first")
-    rows = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+    rows = _read_shards(paths)
     draws_paths = sorted(spec_dir.glob("lossless/shard-*.parquet"))
     draws = pd.concat([pd.read_parquet(path) for path in draws_paths], ignore_index=True) if draws_paths else None
     target = rows[rows["method"] == "target"].set_index("sample_id")
@@ -77,7 +79,7 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
             continue
         joined = ran.merge(target[["total_ms", "decode_ms", "new_tokens", "output_ids"]], left_on="sample_id",
                            right_index=True, suffixes=("", "_target")).set_index("sample_id")  # fmt: skip
-        speedup = (joined["total_ms_target"] / joined["total_ms"]).to_numpy()
+        speedup = _speedup(joined)
         entry.update(status="ok", **_median_and_interval("speedup", speedup),
                      ttft_ms_median=_median(ran["ttft_ms"]), draft_setup_ms_median=_median(ran["draft_setup_ms"]),
                      total_ms_median=float(ran["total_ms"].median()), tau=_tau(ran))  # fmt: skip
@@ -97,6 +99,8 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
         sources = [c for c in ran.columns if c.startswith("accepted_from_") and ran[c].notna().any()]
         if sources:  # hybrid: accepted drafts by the drafter that proposed them
             entry["accepted_by_source"] = {c.removeprefix("accepted_from_"): int(ran[c].sum()) for c in sources}
+    if selection_dir is not None:
+        summary["selection"] = select_k(selection_dir, selection_split)
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if clips_path is not None:
@@ -123,6 +127,34 @@ def clip_table(rows: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.DataFram
         if column not in ran:
             ran[column] = None
     return ran[CLIP_COLUMNS].sort_values(["method", "k", "sample_id"]).reset_index(drop=True)
+
+
+def _read_shards(paths: list[Path]) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+
+
+def _speedup(joined: pd.DataFrame) -> np.ndarray:
+    """Per clip: the target alone's end-to-end time over the method's (the one definition of speedup)."""
+    return (joined["total_ms_target"] / joined["total_ms"]).to_numpy()
+
+
+def select_k(selection_dir: Path, split: str) -> dict:
+    """Each method's k with the highest median speedup on another split's clips (its lossless runs only):
+    the k the report ranks the method at on the evaluated split, so the choice is not fitted to the clips
+    it is scored on. {"split", "n_clips", "k": {method: k}, "speedup_median": {method: {k: median}}}."""
+    paths = sorted(path for path in selection_dir.glob("*/shard-*.parquet") if path.parent.name != "lossless")
+    rows = _read_shards(paths) if paths else pd.DataFrame(columns=["method", "status"])
+    ran = rows[rows["status"] == "ok"]
+    target = ran[ran["method"] == "target"].set_index("sample_id")
+    medians: dict[str, dict[int, float]] = {}
+    for (method, k), group in ran[ran["method"] != "target"].groupby(["method", "k"]):
+        if "exact_match" in group and group["exact_match"].notna().all() and not group["exact_match"].all():
+            continue  # a k whose answers differ from the target's is not a candidate
+        joined = group.merge(target[["total_ms"]], left_on="sample_id", right_index=True, suffixes=("", "_target"))
+        if len(joined):
+            medians.setdefault(method, {})[int(k)] = float(np.median(_speedup(joined)))
+    return {"split": split, "n_clips": int(target.index.nunique()),
+            "k": {method: max(by_k, key=by_k.get) for method, by_k in medians.items()}, "speedup_median": medians}
 
 
 def _median_and_interval(name: str, values: np.ndarray) -> dict:
