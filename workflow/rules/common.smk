@@ -73,6 +73,22 @@ def model_inputs():
     return sorted(set(model_paths().values()) | ({MODELS["draft_vision_tower"]} if MODELS["draft_vision_tower"] else set()))
 
 
+# Speculative evaluation: the evaluated split, and the split each method's k is chosen on.
+SPEC = f"{RESULTS}/spec"
+SPEC_CONFIG = config["speculative"]
+SPEC_SHARDS = range(SPEC_CONFIG["shards"])
+# each method's k is chosen on another split: the methods with several k run there too, with the target
+SELECTION = f"{SPEC}/selection"
+SELECTION_METHODS = ["target"] + [m for m in SPEC_CONFIG["methods"] if len(SPEC_CONFIG["draft_lengths"].get(m, [])) > 1]
+SELECTING = bool(SPEC_CONFIG["selection_split"]) and len(SELECTION_METHODS) > 1
+
+
+def speculate_settings(split: str, methods: list[str], **overrides) -> str:
+    """The speculate command's settings: the config's, on `split` with `methods`, and the models' runtime."""
+    settings = {key: value for key, value in SPEC_CONFIG.items() if key not in ("shards", "selection_split")}
+    return as_json(settings | {"split": split, "methods": methods} | overrides | MODEL_RUNTIME)
+
+
 def parent(name: str, levels: int = 1):
     """A param holding the directory `levels` up from the named input or output file (derived, not hard-coded)."""
 

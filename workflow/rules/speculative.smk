@@ -1,20 +1,5 @@
 # Speculative evaluation: every method on every held-out clip, sharded (one job per shard,
 # each asking for one GPU when models run on CUDA), then one summary over all shards.
-SPEC = f"{RESULTS}/spec"
-SPEC_CONFIG = config["speculative"]
-SPEC_SHARDS = range(SPEC_CONFIG["shards"])
-# each method's k is chosen on another split: the methods with several k run there too, with the target
-SELECTION = f"{SPEC}/selection"
-SELECTION_METHODS = ["target"] + [m for m in SPEC_CONFIG["methods"] if len(SPEC_CONFIG["draft_lengths"].get(m, [])) > 1]
-SELECTING = bool(SPEC_CONFIG["selection_split"]) and len(SELECTION_METHODS) > 1
-
-
-def speculate_settings(split: str, methods: list[str], **overrides) -> str:
-    """The speculate command's settings: the config's, on `split` with `methods`, and the models' runtime."""
-    settings = {key: value for key, value in SPEC_CONFIG.items() if key not in ("shards", "selection_split")}
-    return as_json(settings | {"split": split, "methods": methods} | overrides | MODEL_RUNTIME)
-
-
 SPECULATE = (
     "python -m evspec speculate --data-dir {params.data_dir} --draft {params.paths[draft]}"
     " --target {params.paths[target]} --draft-tokenizer {params.paths[draft_tokenizer]}"
