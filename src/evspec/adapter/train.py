@@ -28,7 +28,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from evspec.adapter.data import ClipFeatures, load_clips  # noqa: E402
 from evspec.adapter.metrics import alignment_metrics  # noqa: E402
@@ -37,6 +36,7 @@ from evspec.atomic import atomic_output  # noqa: E402
 from evspec.engine.head import HeadEngine  # noqa: E402
 from evspec.features.extract import FeatureSettings  # noqa: E402
 from evspec.models.checkpoint import load_video_llava  # noqa: E402
+from evspec.progress import progress  # noqa: E402
 from evspec.speculative.sampling import Sampler  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _train_adapter(train: list[ClipFeatures], target: FrozenTarget, settings: Ad
     generator = torch.Generator().manual_seed(settings.seed)
     batch = min(len(x), settings.batch_size * 8)  # tokens per step
     curve = []
-    for _ in tqdm(range(settings.adapter_steps), desc="adapter", unit="step", mininterval=5):
+    for _ in progress(range(settings.adapter_steps), desc="adapter", unit="step"):
         index = torch.randperm(len(x), generator=generator)[:batch].to(device)
         loss = _loss(adapter(x[index]), y[index], tokens[index], target.lm_head, settings.token_loss_weight)
         optimiser.zero_grad(set_to_none=True)
@@ -215,7 +215,7 @@ def _train_head(config: HeadConfig, train: list[ClipFeatures], target: FrozenTar
     rng = np.random.default_rng(settings.seed)
     curve = []
     name = "head" if config.use_events else "head-text-only"
-    for _ in tqdm(range(settings.head_steps), desc=name, unit="step", mininterval=5):
+    for _ in progress(range(settings.head_steps), desc=name, unit="step"):
         batch = [usable[i] for i in rng.choice(len(usable), size=min(settings.batch_size, len(usable)), replace=False)]
         hidden, tokens, mask, events = _padded(batch, settings.device)
         embeds = target.embed_tokens(tokens[:, :-1])

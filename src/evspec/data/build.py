@@ -21,13 +21,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from evspec.atomic import atomic_output
 from evspec.data.clips import Clip, WindowSettings, assign_splits, plan_clips
 from evspec.data.recordings import DatasetSettings, Recording, list_sequences
 from evspec.events import eventgpt_images, read_dsec_window
 from evspec.h5 import lz4_checksummed, open_h5
+from evspec.progress import progress
 from evspec.settings import to_json
 from evspec.world.scene import NUMBER_WORDS, QUESTION_TYPES, QUESTIONS, Scene, answer, scene_from_dict
 
@@ -56,7 +56,7 @@ def build_tensors(
     rows, skipped = [], []
     with atomic_output(tensors_path) as temporary, h5py.File(temporary, "w") as handle:
         writer = _TensorWriter(handle)
-        for sequence_number, name in enumerate(tqdm(sequences, desc="clips", unit="seq")):
+        for sequence_number, name in enumerate(progress(sequences, desc="clips", unit="seq")):
             recording = Recording(root, name)
             scene = scene_from_dict(recording.annotations()) if dataset.kind == "synthetic" else None
             height, width = _sensor_size(recording)

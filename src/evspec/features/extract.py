@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from evspec.engine.llama import LlamaEngine
 from evspec.errors import InputError
@@ -32,6 +31,7 @@ from evspec.models.checkpoint import DTYPES, load_draft_tokenizer, load_eventgpt
 from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.stages import EventGPTStages, LanguageStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary, require_tokens
+from evspec.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,15 @@ def extract_features(model_name: str, model_dir: Path, tokenizer_dir: Path, data
             log.info("resuming %s: %d of %d clips already done", out_path, len(manifest) - len(todo), len(manifest))
         with open_h5(tensors_path) as handle:
             images = require_dataset(handle, dataset_name)
-            progress = tqdm(total=len(todo), desc=f"features {model_name}", unit="clip", mininterval=5)
+            bar = progress(total=len(todo), desc=f"features {model_name}", unit="clip")
             for start in range(0, len(todo), settings.batch_clips):
                 chunk = todo.iloc[start : start + settings.batch_clips]
                 visual = _visual_tokens(stages, images, chunk, tensors_path, dataset_name)
                 for row, (vision, projected) in zip(chunk.itertuples(), visual):
                     record = _record(stages, engine, tokenizer, row, vision, projected, settings, answers, vocabulary)
                     writer.write(row.sample_id, record)
-                    progress.update()
-            progress.close()
+                    bar.update()
+            bar.close()
         writer.finish(list(manifest["sample_id"]))
     finally:
         writer.close()

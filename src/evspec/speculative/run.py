@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from evspec.adapter.modules import DraftHead
 from evspec.atomic import atomic_output
@@ -33,6 +32,7 @@ from evspec.models.processing import check_images, clip_preprocess
 from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
+from evspec.progress import progress
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.methods import Clip, Engines, SpecSettings
 from evspec.speculative.names import DRAFTING, INPUT_VARIANTS, OWN_DRAFTERS
@@ -67,7 +67,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
     variants = [(method, k) for method in sorted(settings.methods, key=lambda m: m != "target")  # the reference first
                 for k in (settings.draft_lengths.get(method, [0]) if method in DRAFTING else [0])]  # fmt: skip
     rows: dict[str, list[dict]] = {method: [] for method in settings.methods}
-    for index, clip in enumerate(tqdm([loaded[0]] + loaded if loaded else [], desc="speculate", unit="clip")):
+    for index, clip in enumerate(progress([loaded[0]] + loaded if loaded else [], desc="speculate", unit="clip")):
         reference = None
         for method, k in variants:
             row = _run_one(engines, method, clip, k, settings)
@@ -138,7 +138,7 @@ def _lossless_draws(engines: Engines | None, loaded: list[Clip], chosen: set[str
         return []
     rows = []
     clips = [clip for clip in loaded if clip.sample_id in chosen]
-    for clip in tqdm(clips, desc="lossless draws", unit="clip"):
+    for clip in progress(clips, desc="lossless draws", unit="clip"):
         for method, k in [*variants, (DRAFT_ALONE, 0)]:
             for draw in range(settings.lossless_draws):
                 ids = engines.run(method, clip, k, settings.lossless_tokens).decoded.output_ids

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from evspec.atomic import atomic_output
 from evspec.errors import InputError
@@ -34,6 +33,7 @@ from evspec.models.processing import normalize, resize_and_crop
 from evspec.models.prompts import eventgpt_prompt_ids, follow_up_ids, video_llava_prompt_ids
 from evspec.models.toy import ModelPair, ToyShape, build_toy_pair, save_pair
 from evspec.models.configs import n_video_tokens
+from evspec.progress import progress
 from evspec.world.scene import QUESTION_TYPES, QUESTIONS
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,8 @@ def _train(student: Student, answers: dict, train_rows: np.ndarray, settings: To
                                                  * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))  # fmt: skip
     rng = np.random.default_rng(settings.seed)
     curve, recent = [], []
-    progress = tqdm(range(settings.steps), desc=f"train {student.name}", unit="step", mininterval=5)
-    for step in progress:
+    bar = progress(range(settings.steps), desc=f"train {student.name}", unit="step")
+    for step in bar:
         rows = rng.choice(train_rows, size=min(settings.batch_size, len(train_rows)), replace=False)
         turns = [list(rng.permutation(QUESTION_TYPES)) for _ in rows]
         ids, mask, labels, pixels = _batch(student, answers, rows, turns, settings.device)
@@ -190,7 +190,7 @@ def _train(student: Student, answers: dict, train_rows: np.ndarray, settings: To
         recent.append(float(loss))
         if len(recent) == 10:
             curve.append(round(sum(recent) / 10, 4))
-            progress.set_postfix(loss=curve[-1])
+            bar.set_postfix(loss=curve[-1])
             recent.clear()
     model.eval()
     return curve

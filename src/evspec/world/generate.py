@@ -22,11 +22,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from evspec.atomic import atomic_output
 from evspec.events.types import Events
 from evspec.h5 import blosc_zstd
+from evspec.progress import progress
 from evspec.settings import to_json
 from evspec.world.esim import EventSimulator, SensorParams
 from evspec.world.render import SceneRenderer
@@ -70,7 +70,7 @@ def generate_world(out_dir: str | Path, settings: WorldSettings, workers: int = 
         jobs = [(staging / name, settings, index) for index, name in enumerate(names)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             counts = pool.map(_write_sequence_job, jobs)
-            for name, n_events in zip(names, tqdm(counts, total=len(names), desc="synth", unit="seq"), strict=True):
+            for name, n_events in zip(names, progress(counts, total=len(names), desc="synth", unit="seq"), strict=True):
                 log.debug("%s: %d events", name, n_events)
         (staging / "world.json").write_text(
             json.dumps({"settings": json.loads(to_json(settings)), "sequences": names}, indent=2)
