@@ -127,7 +127,8 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "## feature k=4 (8 clips)" in text["clips"] and "k=2" not in text["clips"]  # the best k only
     assert "| best | s1/0 | shape | What shape? | answer 1 | 2 | 2.00 | 3.00x |\n| best | s4/0" in text["clips"]
     assert "| worst | s0/0 | shape | What shape? | answer 0 | 2 | 2.00 | 0.50x |\n| worst | s6/0" in text["clips"]
-    for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png", "clip_speedups.png"):
+    for figure in ("data_events.png", "stages.png", "spec_positions.png", "head_positions.png", "clip_speedups.png",
+                   "speedup_vs_k.png"):
         assert (tmp_path / "reports" / figure).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -73,12 +74,16 @@ def data_section(results: Path, figures: Path) -> dict | None:
     manifest = pd.read_parquet(manifest_path)
     skipped = pd.read_parquet(results / "data" / "skipped.parquet")
     window_ms = (manifest["event_end_us"] - manifest["event_start_us"]) / 1000
-    rate = manifest["n_events"] / window_ms  # events per ms
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].hist(manifest["n_events"], bins=40)
-    axes[0].set(xlabel="events per draft window", ylabel="clips")
-    axes[1].hist(rate * 1000 / 1e3, bins=40)
-    axes[1].set(xlabel="event rate (thousand events / s)", ylabel="clips")
+    figure, axis = plt.subplots(figsize=(6.5, 3.4))
+    for split, rows in manifest.groupby("split"):
+        axis.hist(rows["n_events"], bins=40, histtype="step", linewidth=1.5, label=f"{split} ({len(rows)} clips)")
+    axis.set(xlabel="events in the draft's window", ylabel="clips",
+             title=f"events per draft window ({', '.join(f'{w:g}' for w in sorted(set(window_ms.round(3))))} ms)")
+    if window_ms.nunique() == 1:  # one window length: the same counts as a rate, on a second axis
+        per_second = 1000 / float(window_ms.iloc[0]) / 1e3
+        top = axis.secondary_xaxis("top", functions=(lambda n: n * per_second, lambda r: r / per_second))
+        top.set_xlabel("event rate (thousand events / s)")
+    axis.legend(fontsize=8, frameon=False)
     _save(figure, figures / "data_events.png")
     return {
         "n_clips": len(manifest), "n_skipped": len(skipped), "n_sequences": int(manifest["sequence"].nunique()),
@@ -108,14 +113,15 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         axis.bar(labels, table[stage], bottom=bottom, label=stage)
         bottom += table[stage].to_numpy()
     axis.set(ylabel="ms (median)", title=f"stage costs, {stages['scale'].iloc[0]} scale on {stages['device'].iloc[0]}")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # clear of the bars
     positions = np.arange(len(table))
     decode_axis.bar(positions, table["decode_step"], width=0.5, label="engine step")
     if "decode_floor" in table:
-        decode_axis.hlines(table["decode_floor"], positions - 0.4, positions + 0.4, colors="black", label="floor")
+        decode_axis.hlines(table["decode_floor"], positions - 0.4, positions + 0.4, colors="crimson", linewidth=2.5,
+                           label="memory floor")  # fmt: skip
     decode_axis.set(xticks=positions, xticklabels=labels, ylabel="ms per token", title="one decode step vs its floor")
     decode_axis.tick_params(axis="x", labelsize=7)
-    decode_axis.legend(fontsize=8)
+    decode_axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     _save(figure, figures / "stages.png")
     costs = _step_costs(stages)
     return {"rows": table.to_dict("records"), "costs": costs, "drafting": _drafting_costs(stages, costs),
@@ -154,8 +160,10 @@ def alignment_section(results: Path, figures: Path) -> dict | None:
         for name, row in heads.items():
             positions = np.arange(1, len(row["acceptance_at_position"]) + 1)
             axis.plot(positions, [np.nan if v is None else v for v in row["acceptance_at_position"]], "o-", label=name)
-        axis.set(xlabel="draft position", ylabel="prefix-conditioned acceptance", ylim=(0, 1.02))
-        axis.legend()
+        axis.set(xlabel="draft position", ylabel="prefix-conditioned acceptance", ylim=(0, 1.02),
+                 title="draft heads on held-out answers, drafting on their own predictions")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(frameon=False)
         _save(figure, figures / "head_positions.png")
     return {**metrics, "event_gain": event_gain(metrics["rows"])}
 
@@ -225,9 +233,12 @@ def speculative_section(results: Path, figures: Path) -> dict | None:
         for entry in drafting:
             values = [np.nan if v is None else v for v in entry["conditional_acceptance_by_position"]]
             axis.plot(np.arange(1, len(values) + 1), values, "o-", label=f"{entry['method']} k={entry['k']}")
-        axis.set(xlabel="draft position", ylabel="acceptance given the prefix", ylim=(0, 1.02))
-        axis.legend(fontsize=8)
+        axis.set(xlabel="draft position (tree depth for trees)", ylabel="acceptance given the prefix", ylim=(0, 1.02),
+                 title="conditional acceptance per draft position")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         _save(figure, figures / "spec_positions.png")
+    _speedup_by_k_figure(summary, figures / "speedup_vs_k.png")
     for entry in summary["methods"]:
         entry["lossless"] = _lossless_evidence(entry, summary["greedy"])
     ok = [m for m in summary["methods"] if m["status"] == "ok" and m["method"] != "target"]
@@ -272,6 +283,26 @@ def clips_section(results: Path, spec: dict | None, figures: Path) -> dict | Non
     return {"path": str(path), "methods": {name: {"n": len(rows), "worst": rows.head(CLIPS_SHOWN)[columns].to_dict("records"),
                                                   "best": rows.tail(CLIPS_SHOWN)[::-1][columns].to_dict("records")}
                                            for name, rows in per_method.items()}}  # fmt: skip
+
+
+def _speedup_by_k_figure(summary: dict, path: Path) -> None:
+    """Each speculative method's end-to-end speedup against k: medians with their 95% intervals."""
+    rows = [m for m in summary["methods"] if m["status"] == "ok" and m["method"] in OWN_DRAFTERS]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    for offset, method in enumerate(sorted({m["method"] for m in rows})):
+        entries = sorted((m for m in rows if m["method"] == method), key=lambda m: m["k"])
+        ks = np.array([m["k"] for m in entries]) + 0.06 * (offset - 2)  # side by side at a shared k
+        medians = np.array([m["speedup_median"] for m in entries])
+        low, high = (np.array([m["speedup_ci95"][i] for m in entries]) for i in (0, 1))
+        axis.errorbar(ks, medians, yerr=[medians - low, high - medians], fmt="o-", capsize=3, label=method)
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="the target alone")
+    axis.set(xlabel="k (draft length; tree depth for trees)", ylabel="speedup over the target alone (x)",
+             title="end-to-end speedup vs k (median, 95% interval)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    _save(figure, path)
 
 
 def _verdict(best: dict) -> str:
