@@ -90,6 +90,8 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
     torch.set_num_threads(settings.threads)
     clips = load_clips(features_dir, data_dir, target_dir, draft_dir, feature_settings)
     train, test = clips["train"], clips["test"]
+    # the training curves' held-out loss: on the val split (never scored), else on test (read, never fitted to)
+    held_out = clips.get("val") or test
     target = FrozenTarget.load(target_dir)
     lm_head = target.lm_head
     training_target = target.on(settings.device)
@@ -105,7 +107,7 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
     weight, bias = _ridge(train, settings.ridge)
     rows["linear"] = alignment_metrics([c.draft_hidden @ weight + bias for c in test], actual, tokens, lm_head)
     checkpoints["linear"] = ({"weight": weight.T.contiguous(), "bias": bias}, {"kind": "linear", "ridge": settings.ridge})
-    adapter, curves["adapter"] = _train_adapter(train, training_target, settings)
+    adapter, curves["adapter"] = _train_adapter(train, training_target, settings, held_out)
     with torch.no_grad():
         rows["adapter"] = alignment_metrics([adapter(c.draft_hidden) for c in test], actual, tokens, lm_head)
     checkpoints["adapter"] = (adapter.state_dict(), asdict(adapter.config))
@@ -117,7 +119,7 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
                             n_heads=settings.head_heads, intermediate_size=settings.head_intermediate_size,
                             use_events=use_events, adapter_hidden_size=settings.adapter_hidden_size,
                             draft_vocab_size=None if draft_vocab is None else len(draft_vocab))  # fmt: skip
-        head, curves[name] = _train_head(config, train, training_target, settings)
+        head, curves[name] = _train_head(config, train, training_target, settings, held_out)
         if draft_vocab is not None:
             head.set_draft_vocab(draft_vocab)
         rows[name] = _head_metrics(head, test, target, settings.eval_positions)
@@ -133,7 +135,7 @@ def train_adapter(features_dir: Path, data_dir: Path, target_dir: Path, draft_di
         for name, (state, config) in checkpoints.items():
             tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
             save_file(tensors, temporary / f"{name}.safetensors", metadata={"config": json.dumps(config, sort_keys=True)})
-        _plot_curves(curves, temporary / "curves.png")
+        _plot_curves(curves, "val" if clips.get("val") else "test", temporary / "curves.png")
         (temporary / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for name, row in rows.items():
         log.info("%s: %s", name, {k: v for k, v in row.items() if not isinstance(v, list)})
@@ -162,18 +164,30 @@ def _optimiser(module: torch.nn.Module, settings: AdapterSettings, steps: int):
     return optimiser, torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
 
 
-def _train_adapter(train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings):
+CURVE_POINTS = 20  # held-out losses per training curve
+
+
+def _eval_steps(steps: int) -> set[int]:
+    """The steps after which the held-out loss is measured: about CURVE_POINTS, the last one included."""
+    return {step for step in range(1, steps + 1) if step % max(1, steps // CURVE_POINTS) == 0} | {steps}
+
+
+def _train_adapter(train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings,
+                   held_out: list[ClipFeatures]):  # fmt: skip
+    """The adapter and its curves: {"train": loss per step, "held_out": [(step, loss on the held-out clips)]}."""
     torch.manual_seed(settings.seed)
     device = settings.device
     x = torch.cat([c.draft_hidden for c in train]).to(device)
     y = torch.cat([c.target_hidden for c in train]).to(device)
     tokens = torch.cat([c.answer_ids for c in train]).to(device)
+    held_x, held_y, held_tokens = (torch.cat(values).to(device) for values in
+                                   zip(*[(c.draft_hidden, c.target_hidden, c.answer_ids) for c in held_out]))  # fmt: skip
     adapter = AlignmentAdapter(AdapterConfig(x.shape[1], y.shape[1], settings.adapter_hidden_size)).to(device)
     optimiser, schedule = _optimiser(adapter, settings, settings.adapter_steps)
     generator = torch.Generator().manual_seed(settings.seed)
     batch = min(len(x), settings.batch_size * 8)  # tokens per step
-    curve = []
-    for _ in progress(range(settings.adapter_steps), desc="adapter", unit="step"):
+    curve, held, evaluated = [], [], _eval_steps(settings.adapter_steps)
+    for step in progress(range(1, settings.adapter_steps + 1), desc="adapter", unit="step"):
         index = torch.randperm(len(x), generator=generator)[:batch].to(device)
         loss = _loss(adapter(x[index]), y[index], tokens[index], target.lm_head, settings.token_loss_weight)
         optimiser.zero_grad(set_to_none=True)
@@ -181,7 +195,11 @@ def _train_adapter(train: list[ClipFeatures], target: FrozenTarget, settings: Ad
         optimiser.step()
         schedule.step()
         curve.append(loss.item())
-    return adapter.cpu().eval(), curve
+        if step in evaluated:
+            with torch.no_grad():
+                held.append((step, _loss(adapter(held_x), held_y, held_tokens, target.lm_head,
+                                         settings.token_loss_weight).item()))  # fmt: skip
+    return adapter.cpu().eval(), {"train": curve, "held_out": held}
 
 
 def _padded(clips: list[ClipFeatures], device: str):
@@ -206,33 +224,46 @@ def _draft_vocab(train: list[ClipFeatures], size: int) -> torch.Tensor:
     return seen[order[:size]].sort().values
 
 
-def _train_head(config: HeadConfig, train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings):
-    """Teacher-forced pass, then `unroll_steps` passes reading the head's own previous predictions."""
+def _train_head(config: HeadConfig, train: list[ClipFeatures], target: FrozenTarget, settings: AdapterSettings,
+                held_out: list[ClipFeatures]):  # fmt: skip
+    """Teacher-forced pass, then `unroll_steps` passes reading the head's own previous predictions; curves as
+    `_train_adapter`'s, the held-out loss on up to a batch of held-out answers."""
     torch.manual_seed(settings.seed)
     usable = [c for c in train if len(c.answer_ids) > 1]  # a one-token answer has no next state to predict
     head = DraftHead(config).to(settings.device)
     optimiser, schedule = _optimiser(head, settings, settings.head_steps)
     rng = np.random.default_rng(settings.seed)
-    curve = []
+    curve, held, evaluated = [], [], _eval_steps(settings.head_steps)
+    held_clips = [c for c in held_out if len(c.answer_ids) > 1][: settings.batch_size]
+    held_batch = _padded(held_clips, settings.device) if held_clips else None
     name = "head" if config.use_events else "head-text-only"
-    for _ in progress(range(settings.head_steps), desc=name, unit="step"):
+    for step in progress(range(1, settings.head_steps + 1), desc=name, unit="step"):
         batch = [usable[i] for i in rng.choice(len(usable), size=min(settings.batch_size, len(usable)), replace=False)]
-        hidden, tokens, mask, events = _padded(batch, settings.device)
-        embeds = target.embed_tokens(tokens[:, :-1])
-        prefix = head.event_prefix(events)
-        inputs, loss = hidden[:, :-1], 0.0
-        for _ in range(1 + settings.unroll_steps):
-            predicted = head(inputs, embeds, prefix, mask)
-            loss = loss + _loss(predicted[mask], hidden[:, 1:][mask], tokens[:, 1:][mask], target.lm_head,
-                                settings.token_loss_weight)  # fmt: skip
-            inputs = torch.cat([hidden[:, :1], predicted[:, :-1].detach()], dim=1)  # position i+1 reads its own guess
+        loss = _head_loss(head, _padded(batch, settings.device), target, settings)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimiser.step()
         schedule.step()
-        curve.append(loss.item() / (1 + settings.unroll_steps))
-    return head.cpu().eval(), curve
+        curve.append(loss.item())
+        if step in evaluated and held_batch is not None:
+            with torch.no_grad():
+                held.append((step, _head_loss(head, held_batch, target, settings).item()))
+    return head.cpu().eval(), {"train": curve, "held_out": held}
+
+
+def _head_loss(head: DraftHead, batch: tuple, target: FrozenTarget, settings: AdapterSettings) -> torch.Tensor:
+    """The head's loss on a padded batch, per pass: teacher-forced, then `unroll_steps` passes on its own guesses."""
+    hidden, tokens, mask, events = batch
+    embeds = target.embed_tokens(tokens[:, :-1])
+    prefix = head.event_prefix(events)
+    inputs, loss = hidden[:, :-1], 0.0
+    for _ in range(1 + settings.unroll_steps):
+        predicted = head(inputs, embeds, prefix, mask)
+        loss = loss + _loss(predicted[mask], hidden[:, 1:][mask], tokens[:, 1:][mask], target.lm_head,
+                            settings.token_loss_weight)  # fmt: skip
+        inputs = torch.cat([hidden[:, :1], predicted[:, :-1].detach()], dim=1)  # position i+1 reads its own guess
+    return loss / (1 + settings.unroll_steps)
 
 
 @torch.no_grad()
@@ -284,12 +315,18 @@ def _head_metrics(head: DraftHead, test: list[ClipFeatures], target: FrozenTarge
     return metrics
 
 
-def _plot_curves(curves: dict[str, list[float]], path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for name, curve in curves.items():
-        axis.plot(np.arange(1, len(curve) + 1), curve, label=name, linewidth=1)
-    axis.set(xlabel="step", ylabel="training loss", yscale="log", title="adapter stage training")
-    axis.legend()
+def _plot_curves(curves: dict[str, dict], held_out_split: str, path: Path) -> None:
+    """One panel per objective (the adapter's; the heads'), training loss per step and the held-out loss."""
+    panels = {"alignment adapter": ["adapter"], "draft heads": [n for n in curves if n != "adapter"]}
+    figure, axes = plt.subplots(1, len(panels), figsize=(11, 3.6))
+    for axis, (title, names) in zip(axes, panels.items()):
+        for color, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], names):
+            train = curves[name]["train"]
+            axis.plot(np.arange(1, len(train) + 1), train, color=color, linewidth=0.8, alpha=0.6, label=f"{name}, train")
+            steps, losses = zip(*curves[name]["held_out"]) if curves[name]["held_out"] else ((), ())
+            axis.plot(steps, losses, "o--", color=color, markersize=3, label=f"{name}, {held_out_split}")
+        axis.set(xlabel="step", ylabel="loss (hidden-state + token terms)", yscale="log", title=title)
+        axis.legend(fontsize=7, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")
     plt.close(figure)
