@@ -182,12 +182,14 @@ class Engines:
             visual = self.target.visual_tokens(clip.frames)
         return self.target_engine.prefill(self.target.embed(clip.target_ids, visual))
 
-    def draft_prefill(self, clip: Clip):
-        visual = self.draft.visual_tokens(clip.events)
+    def draft_prefill(self, clip: Clip, visual: torch.Tensor | None = None):
+        """EventGPT's prefill of the clip's prompt with its event tokens (`visual`: already computed)."""
+        if visual is None:
+            visual = self.draft.visual_tokens(clip.events)
         return self.draft_engine.prefill(self.draft.embed(clip.draft_ids, visual))
 
-    def token_drafter(self, clip: Clip) -> TokenDrafter:
-        self.draft_prefill(clip)
+    def token_drafter(self, clip: Clip, visual: torch.Tensor | None = None) -> TokenDrafter:
+        self.draft_prefill(clip, visual)
         return TokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
 
     def token_tree_drafter(self, clip: Clip, depth: int) -> TokenTreeDrafter:
@@ -199,13 +201,16 @@ class Engines:
         return HeadTreeDrafter(self.head_drafter(clip), depth, self.settings.tree_top_k, self.settings.tree_nodes)
 
     def hybrid_drafter(self, clip: Clip, k: int) -> HybridDrafter:
-        return HybridDrafter(self.token_drafter(clip), self.head_drafter(clip), k)
+        """Both drafters on one pass of EventGPT's tower and projector over the clip's events."""
+        visual = self.draft.visual_tokens(clip.events)
+        head = self.head_drafter(clip, visual)  # reads the event tokens before EventGPT's prefill replays anything
+        return HybridDrafter(self.token_drafter(clip, visual), head, k)
 
-    def head_drafter(self, clip: Clip) -> HeadEngine:
+    def head_drafter(self, clip: Clip, visual: torch.Tensor | None = None) -> HeadEngine:
         """The draft head reading this clip's event tokens (EventGPT's tower and projector, no LLM)."""
         if self.head_engine is None:
             raise ValueError("the feature methods need a trained draft head")
-        self.head_engine.load_events(self.draft.visual_tokens(clip.events))
+        self.head_engine.load_events(self.draft.visual_tokens(clip.events) if visual is None else visual)
         return self.head_engine
 
     def speculative(self, prefill, drafter, k: int, max_new_tokens: int) -> Decoded:
