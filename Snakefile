@@ -26,6 +26,9 @@ envvars:  # both set above (and passed on to cluster jobs)
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"  # the HTML report's description of the workflow
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 check_config(config)  # the rules across keys, before any job
 
