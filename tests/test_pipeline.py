@@ -167,6 +167,10 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
                                                         "prefill"}  # fmt: skip
     assert all(m.get("exact_match_rate", 1.0) == 1.0 for m in summary["methods"] if m["status"] == "ok")
     assert "The best speculative method" in (tmp_path / "reports/tiny/index.md").read_text()
+    stages = pd.read_parquet(tmp_path / "results/tiny/bench/stages.parquet")
+    adapter = json.loads((tmp_path / "results/tiny/adapter/metrics.json").read_text())
+    timed_head = stages.loc[stages["stage"] == "draft_head_token", "head_parameters"].iloc[0]
+    assert timed_head == adapter["rows"]["head"]["parameters"]  # the head timed is the head trained and served
     snakemake(tmp_path, "--report", "reports/tiny.html", config=TINY_CONFIG)  # Snakemake's own HTML report
     assert "stages.png" in (tmp_path / "reports/tiny.html").read_text()
     assert planned_rules(tmp_path, TINY_CONFIG) == set()
@@ -178,7 +182,9 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     world_changed = {**TINY_CONFIG, "world": {**TINY_CONFIG["world"], "pos_thres": 0.25}}
     assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA
     adapter_changed = {**TINY_CONFIG, "adapter": {**TINY_CONFIG["adapter"], "head_steps": 6}}
-    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary", "report"}
+    # stage timing times the trained head at the pair's scale, so it follows the adapter stage too
+    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary", "bench_stages",
+                                                        "report"}  # fmt: skip
     # an edit to one file reruns the rules whose commands import it (by hand from the import graph), and
     # what consumes their products
     for file, edit, rerun in RERUN_BY_EDIT:
