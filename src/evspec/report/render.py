@@ -160,7 +160,7 @@ def alignment_section(results: Path, figures: Path) -> dict | None:
         for name, row in heads.items():
             positions = np.arange(1, len(row["acceptance_at_position"]) + 1)
             axis.plot(positions, [np.nan if v is None else v for v in row["acceptance_at_position"]], "o-", label=name)
-        axis.set(xlabel="draft position", ylabel="prefix-conditioned acceptance", ylim=(0, 1.02),
+        axis.set(xlabel="draft position", ylabel="offline acceptance (held-out answers)", ylim=(0, 1.02),
                  title="draft heads on held-out answers, drafting on their own predictions")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(frameon=False)
