@@ -38,14 +38,7 @@ rule speculate:
         SPECULATE
 
 
-rule speculate_selection:
-    conda:
-        ENV
-    input:
-        manifest=rules.build_tensors.output.manifest,
-        tensors=rules.build_tensors.output.tensors,
-        models=model_inputs(),
-        adapter=rules.train_adapter.output,
+use rule speculate as speculate_selection with:
     output:
         shards=expand(f"{SELECTION}/{{method}}/shard-{{{{shard}}}}.parquet", method=SELECTION_METHODS),
     params:
@@ -56,15 +49,10 @@ rule speculate_selection:
         settings=speculate_settings(SPEC_CONFIG["selection_split"] or SPEC_CONFIG["split"], SELECTION_METHODS,
                                     lossless_draws=0),  # the distribution test runs on the evaluated split
         code=command_code("speculate"),
-    threads: SPEC_CONFIG["threads"]
-    resources:
-        gpu=(2 if SPEC_CONFIG["draft_device"] else 1) if MODELS["device"] == "cuda" else 0,
     log:
         f"{LOGS}/speculate_selection/shard-{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/speculate_selection/shard-{{shard}}.tsv"
-    shell:
-        SPECULATE
 
 
 rule spec_summary:
