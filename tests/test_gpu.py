@@ -152,14 +152,16 @@ def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path,
                             temperature=temperature, top_p=0.9 if temperature else 1.0, lossless_clips=1,
                             lossless_draws=20, lossless_tokens=3, tree_top_k=2, tree_nodes=5,
                             methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature",
-                                     "feature-tree", "hybrid", "prefill"),
+                                     "feature-tree", "hybrid", "cascade", "prefill"),
                             draft_lengths={"hf-assisted": [2], "token": [3], "token-tree": [3], "feature": [2],
-                                           "feature-tree": [2], "hybrid": [2], "prefill": [2]})  # fmt: skip
+                                           "feature-tree": [2], "hybrid": [2], "cascade": [3], "prefill": [2]})  # fmt: skip
     frames = speculate(pair, head.to("cuda", DTYPES[dtype]), tiny_data, settings, 0, 1, tmp_path)
-    for method in ("target", "hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill"):
+    for method in ("target", "hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "cascade",
+                   "prefill"):
         assert (frames[method]["status"] == "ok").all(), method
     if temperature == 0.0 and dtype == "float32":  # lossless in fp32: every method's ids are the target's
-        for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill"):
+        for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "cascade",
+                       "prefill"):
             assert frames[method]["exact_match"].all(), method
     if temperature:
         assert len(frames["lossless"]) > 0

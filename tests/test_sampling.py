@@ -36,7 +36,7 @@ from evspec.models.configs import small_text_config
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import HybridDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import CascadeDrafter, HybridDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler, SamplingSpec
 
@@ -102,6 +102,8 @@ class Pair:
 def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int, sampler: Sampler):
     if kind == "token":
         return TokenDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler)
+    if kind == "cascade":
+        return CascadeDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler)
     if kind == "prefetched":
         return PrefetchedDrafter.draft_ahead(draft, draft_prefill.logits, k, pair.vocabulary, TARGET_VOCAB, sampler)
     torch.manual_seed(3)
@@ -124,7 +126,7 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
     target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
     draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
     target, target_prefill, draft, draft_prefill = pair.engines()
-    answers, cycles, full, ids_not_shared, prefetched = [], 0, 0, 0, 0
+    answers, cycles, full, ids_not_shared, prefetched, guesses_kept, guesses_rejected = [], 0, 0, 0, 0, 0, 0
     for _ in range(draws):
         target.rewind(PROMPT_LENGTH)
         draft.rewind(PROMPT_LENGTH)
@@ -139,12 +141,16 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
         assert len(result.output_ids) == n_tokens
         answers.append(result.output_ids)
         prefetched += kind == "prefetched" and int(drafter.guesses[0]) == result.output_ids[0]
+        if kind == "cascade":
+            guesses_kept += drafter.counts["lookup_accepted"]
+            guesses_rejected += drafter.counts["lookup_drafted"] - drafter.counts["lookup_accepted"]
         cycles += result.target_forwards
         full += result.accepted_per_position[-1]
         ids_not_shared += sum(token >= N_SHARED for token in result.output_ids)
     answers = torch.tensor(answers)
     paths = {"bonus": full, "residual": cycles - full, "ids the draft cannot propose": ids_not_shared,
-             "drafts made ahead": prefetched}  # fmt: skip
+             "drafts made ahead": prefetched, "lookup guesses kept": guesses_kept,
+             "lookup guesses rejected": guesses_rejected}  # fmt: skip
     return answers, pair.reference_probabilities(answers, spec), paths, pair
 
 
@@ -190,6 +196,7 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
     ("head", 2, SamplingSpec(2.0, top_p=0.95)),
     ("head-draft-vocab", 2, SamplingSpec(2.0, top_k=6)),
     ("prefetched", 4, SamplingSpec(0.8, top_p=0.8)),
+    ("cascade", 4, SamplingSpec(1.1, top_k=5)),
 ]
 
 
@@ -197,8 +204,9 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
 def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cpu"):
     n_tokens = 2 * k + 3  # several cycles: every draft position and the bonus reach the output
     answers, reference, paths, pair = _draw(kind, k, spec, n_tokens, draws=400, device=device)
+    own_paths = {"drafts made ahead": "prefetched", "lookup guesses kept": "cascade", "lookup guesses rejected": "cascade"}
     for path, count in paths.items():  # each path ran often enough to matter: the bonus after k acceptances,
-        if path != "drafts made ahead" or kind == "prefetched":  # the residual after a rejection, target-only ids
+        if own_paths.get(path, kind) == kind:  # the residual after a rejection, target-only ids, the drafter's own
             assert count >= 30, f"{path}: {count} times"
     assert _p_value(answers, reference, pair, spec, k) > 1e-3
     monkeypatch.setattr(decode_module, "_accept", _accept_every_draft)

@@ -16,7 +16,8 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import HeadTreeDrafter, HybridDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import (CascadeDrafter, HeadTreeDrafter, HybridDrafter, TokenDrafter, TokenTreeDrafter,
+                                         lookup_continuation)
 from evspec.speculative.sampling import Sampler
 
 EOS = 2
@@ -254,9 +255,61 @@ def test_hybrid_trees_are_lossless_and_eventgpt_keeps_only_its_drafts_on_the_kep
         assert result.target_forwards == -(-(len(reference) - 1) // (k + 1))  # the head's branch: all k kept
         # every kept token but the target's own one per cycle was the head's draft (the last cycle's drafts
         # past the answer's end count too)
-        assert oracle.accepted_by_source["head"] >= len(reference) - 1 - result.target_forwards
-        assert oracle.accepted_by_source["eventgpt"] < oracle.accepted_by_source["head"]
+        assert oracle.counts["accepted_from_head"] >= len(reference) - 1 - result.target_forwards
+        assert oracle.counts["accepted_from_eventgpt"] < oracle.counts["accepted_from_head"]
     assert checked >= 4  # proposals whose EventGPT chain was checked, over the three k
+
+
+def test_lookup_continues_after_the_latest_occurrence_of_the_longest_recurring_suffix():
+    assert lookup_continuation([5, 6, 7, 9, 5, 6, 7, 8, 5, 6, 7], 2) == [8, 5]  # 3-gram, latest occurrence
+    assert lookup_continuation([1, 2, 3, 4, 9, 4], 3) == [9, 4]  # 1-gram, at most what follows it
+    assert lookup_continuation([1, 2, 3, 4], 3) == [] and lookup_continuation([4, 4], 0) == []
+    assert lookup_continuation([7, 1, 2, 7, 3, 1, 2], 1, max_ngram=2) == [7]  # the 2-gram beats the later 1-gram
+
+
+class _CheckedCascade(CascadeDrafter):
+    """Checks at every proposal that the cascade's chain is EventGPT's own greedy chain, drafted afresh."""
+
+    def __init__(self, fresh_chain, *args) -> None:
+        super().__init__(*args)
+        self.fresh_chain, self.checked = fresh_chain, 0
+
+    def propose(self, k: int):
+        ids, probs = super().propose(k)
+        assert ids.tolist() == self.fresh_chain(self.history, k), self.history
+        self.checked += 1
+        return ids, probs
+
+
+def test_cascade_drafts_eventgpts_own_chain_in_fewer_eventgpt_forwards():
+    """Prompt lookup in front of EventGPT changes how many forwards EventGPT runs, never what it drafts: at every
+    proposal the chain equals EventGPT's greedy chain from a fresh prefill of the prompt and the committed answer,
+    the target's answer is unchanged, and, over the seeds' answers (some loop, some end early), both of the
+    lookup's outcomes ran: a guess kept, a guess rejected and rewound."""
+    vocab = 60
+    counts = dict.fromkeys(("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts"), 0)
+    for seed in range(4):
+        target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
+
+        def fresh_chain(committed: list[int], k: int) -> list[int]:
+            fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
+            chain = []
+            for _ in range(k):
+                chain.append(int(out.logits[0, -1].argmax()))
+                out = fresh.step(torch.tensor([[chain[-1]]]))
+            return chain
+
+        for k in (1, 4):
+            engine.rewind(ids.shape[1])
+            cascade = _CheckedCascade(fresh_chain, _prefilled(draft, 5, prompt, 400, seed)[0], shared(vocab),
+                                      vocab + 2, Sampler())  # fmt: skip
+            result = decode_speculative(engine, prefill, cascade, k, 24, EOS, Sampler())
+            assert result.output_ids == reference, (seed, k)
+            assert cascade.checked == result.target_forwards
+            assert cascade.counts["eventgpt_drafts"] == k * cascade.checked
+            counts = {name: counts[name] + cascade.counts[name] for name in counts}
+    assert 0 < counts["lookup_accepted"] < counts["lookup_drafted"], counts
+    assert counts["eventgpt_forwards"] < counts["eventgpt_drafts"]  # kept guesses saved forwards
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -294,15 +347,15 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     settings = SpecSettings(max_new_tokens=6, max_clips=3, split="train", tree_top_k=2, tree_nodes=5,
                             methods=("target", "hf-generate", "hf-assisted", "token", "token-tree", "feature",
-                                     "feature-tree", "hybrid", "prefill", "target-1frame"),
+                                     "feature-tree", "hybrid", "cascade", "prefill", "target-1frame"),
                             draft_lengths={"hf-assisted": [2], "token": [1, 3], "token-tree": [3], "feature": [2],
-                                           "feature-tree": [2], "hybrid": [2], "prefill": [2]})  # fmt: skip
+                                           "feature-tree": [2], "hybrid": [2], "cascade": [3], "prefill": [2]})  # fmt: skip
     embeddings = pair.draft.get_input_embeddings()
     frames = speculate(pair, head, tiny_data, settings, shard=0, n_shards=1, out_dir=tmp_path)
     assert pair.draft.get_input_embeddings() is embeddings  # transformers' assisted decoding left EventGPT whole
     target = frames["target"].set_index("sample_id")
     assert len(target) == 3 and (target["status"] == "ok").all()
-    for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill"):
+    for method in ("hf-generate", "token", "token-tree", "feature", "feature-tree", "hybrid", "cascade", "prefill"):
         rows = frames[method]
         assert (rows["status"] == "ok").all() and rows["exact_match"].all(), method
         assert set(rows["k"]) == {0} if method == "hf-generate" else True
@@ -328,6 +381,9 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     assert entries[("target-1frame", 0)]["exact_match_rate"] == one_frame["exact_match"].mean()
     hybrid = frames["hybrid"]
     assert set(entries[("hybrid", 2)]["accepted_by_source"]) == {"eventgpt", "head"}
+    stages = entries[("cascade", 3)]["cascade"]  # the cascade's first stage, from its per-clip counts
+    assert stages["eventgpt_drafts"] == 3 * (frames["cascade"]["target_forwards"] - 1).sum()
+    assert 0 < stages["eventgpt_forwards"] <= stages["eventgpt_drafts"]
     assert (hybrid[["accepted_from_eventgpt", "accepted_from_head"]].max(axis=1) <= hybrid["accepted"] + 2).all()
 
 

@@ -51,9 +51,8 @@ class Decoded:
     drafted_per_position: list[int] = field(default_factory=list)
     reached_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
-    # `hybrid`: accepted drafts by the drafter that proposed them (on the kept paths; a draft both proposed
-    # counts for both)
-    accepted_by_source: dict[str, int] | None = None
+    # the drafter's own counts (`drafters.DRAFTER_COUNTS`): `hybrid`'s accepted drafts per source, `cascade`'s stages
+    drafter_counts: dict[str, int] | None = None
 
 
 class Drafter(Protocol):

@@ -1,5 +1,5 @@
 """EventGPT as a drafter (`token`, `prefill`, trees); the draft head's drafter is its engine (`evspec.engine.head`);
-both at once (`hybrid`).
+both at once (`hybrid`); EventGPT drafting faster behind prompt lookup (`cascade`).
 
 Each holds its own `Sampler` (the run's sampling spec, a random stream on its device) and
 returns, when sampling, the distribution q each draft was drawn from, over the target's
@@ -17,6 +17,12 @@ from evspec.engine.head import HeadEngine
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler
 from evspec.speculative.trees import best_nodes, expand_level
+
+
+# per-answer counts the drafters keep beyond the acceptance counts (columns of the speculate shards):
+# `hybrid`'s accepted drafts per source, `cascade`'s two stages
+DRAFTER_COUNTS = ("accepted_from_eventgpt", "accepted_from_head", "lookup_drafted", "lookup_accepted",
+                  "eventgpt_forwards", "eventgpt_drafts")  # fmt: skip
 
 
 def _stacked(ids: list[torch.Tensor], probs: list[torch.Tensor | None]):
@@ -60,6 +66,69 @@ class TokenDrafter:
         fed = min(matched, len(self.proposed) - 1)
         self.draft.rewind(self.base + fed)
         self.pending = tokens[fed:]
+
+
+def lookup_continuation(history: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup (Saxena, 2023): the tokens that followed the latest earlier occurrence of the longest suffix
+    of `history` (of `max_ngram` tokens down to 1), at most `max_tokens` of them; [] when no suffix recurs."""
+    if max_tokens < 1:
+        return []
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        suffix = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):  # the latest occurrence with a token after it
+            if history[start : start + n] == suffix:
+                return history[start + n : start + n + max_tokens]
+    return []
+
+
+class CascadeDrafter(TokenDrafter):
+    """`cascade`: a free drafter in front of EventGPT. Prompt lookup over the answer so far guesses EventGPT's
+    next drafts; EventGPT reads the guesses in the same forward as the token it must read anyway, and each of
+    its drafts comes from its own law at that position exactly as `TokenDrafter` draws it (greedy: its argmax).
+    A guess equal to the draft means the next position's logits are already computed, so one forward can yield
+    several drafts; the first guess that differs and the ones after it are rewound. The drafts, and so what the
+    target verifies, are EventGPT's own: only the number of EventGPT forwards changes.
+
+    `counts`: guesses proposed to EventGPT and kept (`lookup_*`, the first stage), EventGPT's forwards and
+    drafts (`eventgpt_*`; drafts per forward is the first stage's yield); the target's acceptance of EventGPT's
+    drafts is the second stage (the usual counts).
+    """
+
+    def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler,
+                 max_ngram: int = 3) -> None:  # fmt: skip
+        super().__init__(draft, vocabulary, target_vocab, sampler)
+        self.max_ngram = max_ngram
+        self.counts = dict.fromkeys(("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts"), 0)
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        super().start(first_token, first_hidden)
+        self.history = [first_token]  # the committed answer, where the lookup searches
+
+    def propose(self, k: int):
+        feed, ids, probs = self.pending, [], []
+        self.base = self.draft.length + len(feed)  # as TokenDrafter's: the cache once the pending tokens are read
+        while len(ids) < k:
+            guesses = lookup_continuation(self.history + ids, k - 1 - len(ids), self.max_ngram)
+            out = self.draft.step(host_to_device([self.vocabulary.readable(feed + guesses)], self.draft.device))
+            rows = out.logits[0, len(feed) - 1 :]  # the laws of the next draft and of one after each guess
+            tokens, q = self.sampler.propose(rows, self.allowed, self.target_vocab)
+            drawn = tokens.tolist()
+            kept = next((i for i, (a, b) in enumerate(zip(drawn, guesses)) if a != b), len(guesses))
+            ids += drawn[: kept + 1]  # the guesses it drew itself, and its next draft
+            if q is not None:
+                probs.append(q[: kept + 1])
+            self.counts["lookup_drafted"] += len(guesses)
+            self.counts["lookup_accepted"] += kept
+            self.counts["eventgpt_forwards"] += 1
+            self.draft.rewind(self.base + len(ids) - 1)  # it has read every draft but the last
+            feed = ids[-1:]
+        self.counts["eventgpt_drafts"] += k
+        self.proposed = ids
+        return torch.tensor(ids, device=self.draft.device), (torch.cat(probs) if probs else None)
+
+    def keep(self, matched: int, tokens: list[int]) -> None:
+        super().keep(matched, tokens)
+        self.history += tokens
 
 
 class TokenTreeDrafter:
@@ -207,15 +276,15 @@ class HybridDrafter:
 
     Under sampling each chain is drawn from its drafter's own law, independently of the target's draws, and
     the tree is verified by recursive rejection with point-mass drafts (`decode._accept_tree`), which keeps
-    the target's law for any tree chosen so. `accepted_by_source` counts the accepted drafts each drafter
-    proposed (a draft both proposed counts for both).
+    the target's law for any tree chosen so. `counts` holds the accepted drafts each drafter proposed
+    (`accepted_from_eventgpt`, `accepted_from_head`; a draft both proposed counts for both).
     """
 
     SOURCES = ("eventgpt", "head")
 
     def __init__(self, token: TokenDrafter, head: HeadEngine, k: int) -> None:
         self.token, self.head, self.k = token, head, k
-        self.accepted_by_source = dict.fromkeys(self.SOURCES, 0)
+        self.counts = {f"accepted_from_{source}": 0 for source in self.SOURCES}
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
         self.token.start(first_token, first_hidden)
@@ -240,7 +309,7 @@ class HybridDrafter:
         accepted = tokens[:-1]  # the path's drafts; the last token is the target's own
         for source, chain in zip(self.SOURCES, self.chains):
             matched = next((i for i, (a, b) in enumerate(zip(chain, accepted)) if a != b), min(len(chain), len(accepted)))
-            self.accepted_by_source[source] += matched
+            self.counts[f"accepted_from_{source}"] += matched
             if source == "eventgpt":
                 self.token.keep(matched, tokens)
         self.head.commit(tokens, hidden)

@@ -14,6 +14,8 @@ the clock starts), each method answers from scratch:
     feature-tree  as feature, but the head drafts an EAGLE-2 tree of depth k (the same tree settings)
     hybrid        EventGPT's chain of k and the head's chain of k as two branches of one tree, verified in one
                   target forward (`HybridDrafter`; accepted drafts counted per source)
+    cascade       as token, but prompt lookup over the answer so far drafts for EventGPT, which verifies the
+                  guesses in its own forwards (`CascadeDrafter`): EventGPT's drafts unchanged, fewer of its forwards
     prefill       EventGPT drafts k tokens while the target encodes video and prefills; the
                   drafts are verified right after the prefill, then `token` continues
     target-1frame the target alone on the clip's 1-frame variant (its last frame): an input variant, not a
@@ -50,8 +52,8 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
-from evspec.speculative.drafters import (HeadTreeDrafter, HybridDrafter, PrefetchedDrafter, TokenDrafter,
-                                         TokenTreeDrafter)
+from evspec.speculative.drafters import (CascadeDrafter, HeadTreeDrafter, HybridDrafter, PrefetchedDrafter,
+                                         TokenDrafter, TokenTreeDrafter)
 from evspec.speculative.lossless import DRAFT_ALONE
 from evspec.speculative.names import DRAFTING, HEAD_METHODS, TREES
 from evspec.speculative.sampling import Sampler, SamplingSpec
@@ -192,6 +194,10 @@ class Engines:
         self.draft_prefill(clip, visual)
         return TokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
 
+    def cascade_drafter(self, clip: Clip) -> CascadeDrafter:
+        self.draft_prefill(clip)
+        return CascadeDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
+
     def token_tree_drafter(self, clip: Clip, depth: int) -> TokenTreeDrafter:
         self.draft_prefill(clip)
         return TokenTreeDrafter(self.draft_engine, self.vocabulary, self.draft_sampler, depth, self.settings.tree_top_k,
@@ -315,8 +321,8 @@ def _with_drafter(make_drafter: Callable[[Engines, Clip, int], object]):
         setup_ms = clock.ms() - ttft_ms
         decoded = engines.speculative(prefill, drafter, k, max_new_tokens)
         total_ms = clock.ms()
-        if isinstance(drafter, HybridDrafter):
-            decoded.accepted_by_source = dict(drafter.accepted_by_source)
+        if hasattr(drafter, "counts"):
+            decoded.drafter_counts = dict(drafter.counts)
         return Timed(decoded, ttft_ms, setup_ms, total_ms)
 
     return method
@@ -372,6 +378,7 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "feature": _with_drafter(lambda engines, clip, k: engines.head_drafter(clip)),
     "feature-tree": _with_drafter(Engines.head_tree_drafter),
     "hybrid": _with_drafter(Engines.hybrid_drafter),
+    "cascade": _with_drafter(lambda engines, clip, k: engines.cascade_drafter(clip)),
     "prefill": _prefill,
     "target-1frame": _target_one_frame,
     DRAFT_ALONE: _draft_alone,

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
-DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "hybrid", "prefill")  # need draft_lengths
-OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "hybrid", "prefill")  # whose c and v are measured
+DRAFTING = ("hf-assisted", "token", "token-tree", "feature", "feature-tree", "hybrid", "cascade",
+            "prefill")  # need draft_lengths
+OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "hybrid", "cascade", "prefill")  # this project's
+# whose c and v the cost loop measures: not `cascade`, whose drafting cost depends on how often prompt lookup's
+# guesses hit, which follows the answer's own history (the cost loop commits one token over and over)
+UNIT_COSTED = tuple(method for method in OWN_DRAFTERS if method != "cascade")
 TREES = ("token-tree", "feature-tree", "hybrid")  # methods that verify trees: k is the depth
 HEAD_METHODS = ("feature", "feature-tree", "hybrid")  # methods that need the trained draft head
 INPUT_VARIANTS = ("target-1frame",)  # the target on other inputs: compared with the target by agreement, not lossless

@@ -34,8 +34,9 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.progress import progress
 from evspec.speculative.lossless import DRAFT_ALONE
+from evspec.speculative.drafters import DRAFTER_COUNTS
 from evspec.speculative.methods import Clip, Engines, SpecSettings
-from evspec.speculative.names import DRAFTING, INPUT_VARIANTS, OWN_DRAFTERS
+from evspec.speculative.names import DRAFTING, INPUT_VARIANTS, UNIT_COSTED
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
             if row["status"] == "ok":
                 row["answer_text"] = pair.target_tokenizer.decode(row["output_ids"], skip_special_tokens=True)
     for method, k in variants if engines is not None else []:
-        if method in OWN_DRAFTERS:
+        if method in UNIT_COSTED:
             costs = engines.unit_costs(method, loaded[-1], k)
             for row in rows[method]:
                 if row["k"] == k:
@@ -105,8 +106,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
            "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
            "draft_setup_ms", "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match",
-           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", "accepted_from_eventgpt",
-           "accepted_from_head"]  # fmt: skip
+           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", *DRAFTER_COUNTS]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 
@@ -128,7 +128,7 @@ def _run_one(engines: Engines, method: str, clip: Clip, k: int, settings: SpecSe
             "reached_per_position": decoded.reached_per_position,
             "accepted_per_position": decoded.accepted_per_position, "ttft_ms": timed.ttft_ms,
             "draft_setup_ms": timed.draft_setup_ms, "decode_ms": timed.decode_ms, "total_ms": timed.total_ms,
-            **{f"accepted_from_{source}": count for source, count in (decoded.accepted_by_source or {}).items()}}  # fmt: skip
+            **(decoded.drafter_counts or {})}  # fmt: skip
 
 
 def _lossless_draws(engines: Engines | None, loaded: list[Clip], chosen: set[str], variants: list[tuple[str, int]],

@@ -99,6 +99,8 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
         sources = [c for c in ran.columns if c.startswith("accepted_from_") and ran[c].notna().any()]
         if sources:  # hybrid: accepted drafts by the drafter that proposed them
             entry["accepted_by_source"] = {c.removeprefix("accepted_from_"): int(ran[c].sum()) for c in sources}
+        if "eventgpt_forwards" in ran and ran["eventgpt_forwards"].notna().any():
+            entry["cascade"] = _cascade_stages(ran)
     if selection_dir is not None:
         summary["selection"] = select_k(selection_dir, selection_split)
     with atomic_output(out_path) as temporary:
@@ -190,6 +192,14 @@ def _acceptance(ran: pd.DataFrame) -> dict:
         c, v = float(ran["draft_token_ms"].median()) / step, float(ran["verify_ms"].median()) / step
         out.update(cost_ratio=c, verify_ratio=v, predicted_decode_speedup=predicted_decode_speedup(conditional, c, v))
     return out
+
+
+def _cascade_stages(ran: pd.DataFrame) -> dict:
+    """`cascade`'s first stage: prompt lookup's guesses EventGPT kept, and EventGPT's drafts per forward."""
+    total = {column: int(ran[column].sum()) for column in
+             ("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts")}  # fmt: skip
+    return {**total, "lookup_acceptance": total["lookup_accepted"] / max(total["lookup_drafted"], 1),
+            "eventgpt_drafts_per_forward": total["eventgpt_drafts"] / max(total["eventgpt_forwards"], 1)}
 
 
 def _decode_ms_per_token(frame: pd.DataFrame, suffix: str = "") -> pd.Series:
