@@ -52,7 +52,8 @@ def tiny_data(tiny_world, tmp_path_factory) -> Path:
     from evspec.data.recordings import DatasetSettings
 
     out = tmp_path_factory.mktemp("tiny_data")
-    build_tensors(DatasetSettings(root=str(tiny_world)), WindowSettings(min_events=20), SplitSettings(),
+    build_tensors(DatasetSettings(root=str(tiny_world)), WindowSettings(min_events=20, event_window_sweep_ms=(25,)),
+                  SplitSettings(),
                   out / "manifest.parquet", out / "tensors.h5", out / "skipped.parquet")  # fmt: skip
     return out
 

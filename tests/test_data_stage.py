@@ -86,6 +86,35 @@ def test_manifest_and_tensors_agree(built, tiny_world):
     np.testing.assert_array_equal(stored_frames[0], first.transpose(2, 0, 1))
 
 
+def test_event_window_sweep_writes_each_window_ending_where_the_drafts_ends(built, tiny_world, tmp_path):
+    """Each swept window is the last `ms` of the draft's window's end, as EventGPT's images (zeros, with the count
+    in the manifest, where it holds fewer events than images); the draft's own window is unchanged by the sweep."""
+    _build(tiny_world, tmp_path, WindowSettings(min_events=20, event_window_sweep_ms=(1, 25, 75)))
+    manifest = pd.read_parquet(tmp_path / "manifest.parquet")
+    unswept = pd.read_parquet(built / "manifest.parquet")
+    pd.testing.assert_frame_equal(manifest[unswept.columns], unswept)
+    with open_h5(tmp_path / "tensors.h5") as handle, open_h5(built / "tensors.h5") as reference:
+        np.testing.assert_array_equal(handle["event_images"][:], reference["event_images"][:])
+        for ms in (1, 25, 75):
+            stored = handle[f"event_images_{ms}ms"][:]
+            assert stored.shape == (12, 5, 3, 48, 64)
+            for row in manifest.itertuples():
+                events_path = tiny_world / row.sequence / "events" / "left" / "events.h5"
+                events = read_dsec_window(events_path, row.event_end_us - 1000 * ms, row.event_end_us)
+                assert getattr(row, f"n_events_{ms}ms") == len(events)
+                expected = eventgpt_images(events, 5, 48, 64).transpose(0, 3, 1, 2) if len(events) >= 5 else 0
+                np.testing.assert_array_equal(stored[row.tensor_index], expected + np.zeros_like(stored[0]))
+    assert (manifest["n_events_1ms"] < 5).any() and (manifest["n_events_1ms"] >= 5).any()  # both kinds checked
+    assert (manifest["n_events_75ms"] > manifest["n_events"]).all()
+
+
+@pytest.mark.parametrize("sweep, problem", [((100,), "must be in"), ((50,), "other lengths"), ((10, 10), "each once"),
+                                            ((70,), "cannot exceed clip_duration_ms")])  # fmt: skip
+def test_event_window_sweep_stays_in_eventgpts_regime(sweep, problem):
+    with pytest.raises(ValueError, match=problem):
+        WindowSettings(clip_duration_ms=60, clip_overlap_ms=0, event_window_sweep_ms=sweep)
+
+
 def test_questions_answered_from_ground_truth(built, tiny_world):
     manifest = pd.read_parquet(built / "manifest.parquet")
     assert set(manifest.question_type) == set(QUESTIONS)

@@ -17,7 +17,7 @@ from conftest import PROJECT
 TINY_CONFIG = {
     "run": "tiny",
     "world": {"n_sequences": 5, "duration_s": 1.0, "height": 48, "width": 64, "radius_px": [4, 8], "speed_px_s": [8, 20]},
-    "windows": {"min_events": 20},
+    "windows": {"min_events": 20, "event_window_sweep_ms": [25]},
     "split": {"fractions": {"train": 0.6, "test": 0.4}},
     "toy": {"steps": 3, "batch_size": 4, "shape": {"draft_image_size": 32, "target_image_size": 24, "vision_hidden_size": 32,
                                                    "hidden_size": 32}},
@@ -28,8 +28,9 @@ TINY_CONFIG = {
     "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "selection_split": None,
                     "draft_lengths": {"hf-assisted": [2], "token": [2], "feature": [2], "prefill": [2]}},
 }
-DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter", "speculate",
-                      "spec_summary", "bench_stages", "report"}
+SPECULATE_RULES = {"speculate", "speculate_window"}  # the event-window sweep runs speculate on other windows
+DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter",
+                      "spec_summary", "bench_stages", "report"} | SPECULATE_RULES
 
 
 def snakemake(workdir, *args, config=None, check=True, env=None) -> subprocess.CompletedProcess:
@@ -89,9 +90,9 @@ RERUN_BY_EDIT = [  # (file under src/evspec, the edit, the rules a dry run must 
     ("report/render.py", _comment, {"report"}),
     ("speculative/summary.py", _comment, SUMMARY_AND_REPORT),
     ("__main__.py", _edit_cli_block, SUMMARY_AND_REPORT),
-    ("speculative/drafters.py", _comment, {"speculate"} | SUMMARY_AND_REPORT),
-    ("timing.py", _comment, {"speculate", "bench_stages"} | SUMMARY_AND_REPORT),
-    ("engine/head.py", _comment, {"train_adapter", "bench_stages", "speculate"} | SUMMARY_AND_REPORT),
+    ("speculative/drafters.py", _comment, SPECULATE_RULES | SUMMARY_AND_REPORT),
+    ("timing.py", _comment, {"bench_stages"} | SPECULATE_RULES | SUMMARY_AND_REPORT),
+    ("engine/head.py", _comment, {"train_adapter", "bench_stages"} | SPECULATE_RULES | SUMMARY_AND_REPORT),
     ("world/esim.py", _comment, {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA),
 ]
 
@@ -126,6 +127,10 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
          r"windows.event_window_ms \(60\) must fit in windows.clip_duration_ms \(40\)"),
         ({"world": {**TINY_CONFIG["world"], "duration_s": 0.2}}, r"world.duration_s \(0.2\) is shorter than one clip"),
         ({"split": {"fractions": {"train": 0, "test": 0}}}, r"split.fractions gives no sequences to train and test"),
+        ({"windows": {"event_window_sweep_ms": [25, 50]}},
+         r"windows.event_window_sweep_ms \(\[25, 50\]\) must hold lengths other than windows.event_window_ms \(50\)"),
+        ({"windows": {"event_window_sweep_ms": [25]}, "speculative": {**TINY_CONFIG["speculative"], "window_sweep_methods": ["cascade"]}},
+         r"sweeps none of speculative.methods"),
         ({"speculative": {**TINY_CONFIG["speculative"], "selection_split": "val"}},
          r"speculative.selection_split \('val'\) has no sequences in split.fractions"),
     ],
@@ -167,6 +172,9 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
                                                         "prefill"}  # fmt: skip
     assert all(m.get("exact_match_rate", 1.0) == 1.0 for m in summary["methods"] if m["status"] == "ok")
     assert "The best speculative method" in (tmp_path / "reports/tiny/index.md").read_text()
+    sweep = {(e["method"], e["window_ms"]) for e in summary["event_window_sweep"]}  # the swept and the own window
+    assert sweep == {("token", 25), ("token", 50), ("feature", 25), ("feature", 50)}
+    assert "| token | 2 | 25 |" in (tmp_path / "reports/tiny/index.md").read_text()
     stages = pd.read_parquet(tmp_path / "results/tiny/bench/stages.parquet")
     adapter = json.loads((tmp_path / "results/tiny/adapter/metrics.json").read_text())
     timed_head = stages.loc[stages["stage"] == "draft_head_token", "head_parameters"].iloc[0]
@@ -177,14 +185,14 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     started = time.monotonic()
     assert "Nothing to be done" in snakemake(tmp_path, config=TINY_CONFIG).stderr
     assert time.monotonic() - started <= 5.0  # a no-op rerun is cheap (the bound)
-    windows_changed = {**TINY_CONFIG, "windows": {"min_events": 20, "n_event_images": 3}}
+    windows_changed = {**TINY_CONFIG, "windows": {**TINY_CONFIG["windows"], "n_event_images": 3}}
     assert planned_rules(tmp_path, windows_changed) == {"build_tensors"} | DOWNSTREAM_OF_DATA
     world_changed = {**TINY_CONFIG, "world": {**TINY_CONFIG["world"], "pos_thres": 0.25}}
     assert planned_rules(tmp_path, world_changed) == {"synthesize_world", "build_tensors"} | DOWNSTREAM_OF_DATA
     adapter_changed = {**TINY_CONFIG, "adapter": {**TINY_CONFIG["adapter"], "head_steps": 6}}
     # stage timing times the trained head at the pair's scale, so it follows the adapter stage too
-    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "speculate", "spec_summary", "bench_stages",
-                                                        "report"}  # fmt: skip
+    assert planned_rules(tmp_path, adapter_changed) == {"train_adapter", "spec_summary", "bench_stages",
+                                                        "report"} | SPECULATE_RULES  # fmt: skip
     # an edit to one file reruns the rules whose commands import it (by hand from the import graph), and
     # what consumes their products
     for file, edit, rerun in RERUN_BY_EDIT:

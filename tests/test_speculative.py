@@ -410,3 +410,47 @@ def test_stage_timing_times_every_stage_and_tree_verifies_on_the_cpu(tiny_pair_d
     assert {"vision", "prefill", "decode_step", "verify", "tree_verify", "draft_head_token"} <= set(frame["stage"])
     assert sorted(frame[frame["stage"] == "tree_verify"]["k"]) == [4, 9]
     assert (frame["ms_median"] > 0).all()
+
+
+def test_a_swept_event_window_feeds_its_own_images_and_is_summarised_beside_the_drafts_own(tiny_pair_dir, tiny_data,
+                                                                                          tmp_path, monkeypatch):  # fmt: skip
+    """speculate on a swept window reads that window's images (event_images_25ms) for EventGPT and stays lossless;
+    spec-summary sets its speedup, tau and alpha beside the main run's at the draft's own window; a window the
+    data stage did not sweep is refused naming the manifest."""
+    import evspec.speculative.run as run_module
+    from evspec.errors import InputError
+    from evspec.h5 import open_h5
+    from evspec.models.processing import clip_preprocess
+    from evspec.models.toy import load_pair
+    from evspec.speculative.run import SpecSettings, speculate
+    from evspec.speculative.summary import summarize
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer")  # fmt: skip
+    settings = dict(max_new_tokens=5, max_clips=2, split="train", methods=("target", "token"),
+                    draft_lengths={"token": [2]})  # fmt: skip
+    loaded, load_clip = [], run_module._load_clip
+
+    def recorded(row, *args, **kwargs):
+        loaded.append((row, load_clip(row, *args, **kwargs)))
+        return loaded[-1][1]
+
+    monkeypatch.setattr(run_module, "_load_clip", recorded)
+    swept = speculate(pair, None, tiny_data, SpecSettings(**settings, event_window_ms=25), 0, 1, tmp_path / "w25")
+    with open_h5(tiny_data / "tensors.h5") as handle:
+        for row, clip in loaded:
+            expected = clip_preprocess(handle["event_images_25ms"][row.tensor_index], clip.events.shape[-1])
+            torch.testing.assert_close(clip.events, expected)
+            assert not torch.equal(clip.events, clip_preprocess(handle["event_images"][row.tensor_index],
+                                                                clip.events.shape[-1]))  # fmt: skip
+    assert swept["token"]["exact_match"].all() and len(swept["token"]) == 2
+    speculate(pair, None, tiny_data, SpecSettings(**settings), 0, 1, tmp_path / "own")
+    summary = summarize(tmp_path / "own", tmp_path / "summary.json", tiny_data / "manifest.parquet",
+                        window_dirs={25: tmp_path / "w25"})  # fmt: skip
+    rows = {(e["window_ms"], e["own_window"]): e for e in summary["event_window_sweep"]}
+    assert set(rows) == {(25, False), (50, True)}  # the tiny world's own window is the default 50 ms
+    own = next(e for e in summary["methods"] if e["method"] == "token")
+    assert rows[(50, True)]["speedup_median"] == own["speedup_median"] and rows[(50, True)]["tau"] == own["tau"]
+    assert rows[(25, False)]["n_clips"] == 2 and rows[(25, False)]["exact_match_rate"] == 1.0
+    with pytest.raises(InputError, match="n_events_10ms"):
+        speculate(pair, None, tiny_data, SpecSettings(**settings, event_window_ms=10), 0, 1, tmp_path / "w10")

@@ -87,7 +87,13 @@ def _speculate(args: argparse.Namespace) -> None:
 def _spec_summary(args: argparse.Namespace) -> None:
     from evspec.speculative.summary import summarize
 
-    summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split)
+    windows = {}
+    for item in args.window_dir:
+        ms, _, directory = item.partition("=")
+        if not ms.isdigit() or not directory:
+            raise InputError("--window-dir", f"expected MS=DIRECTORY, got {item!r}")
+        windows[int(ms)] = Path(directory)
+    summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split, windows)
 
 
 def _bench_stages(args: argparse.Namespace) -> None:
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--clips", type=Path, help="clips.parquet to write: one row per clip and method")
     summary.add_argument("--selection-dir", type=Path, help="speculate's output on the split each method's k is chosen on")
     summary.add_argument("--selection-split", default="val", help="the name of that split (reported)")
+    summary.add_argument("--window-dir", action="append", default=[],
+                         help="MS=DIRECTORY: speculate's output on a swept event window of MS ms (repeatable)")
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")

@@ -24,6 +24,14 @@ def check_config(config: Mapping[str, Any]) -> None:
     if event_window > duration:
         problems.append(f"windows.event_window_ms ({event_window}) must fit in windows.clip_duration_ms ({duration}): "
                         f"the events are the clip's last milliseconds")  # fmt: skip
+    sweep = windows.get("event_window_sweep_ms", [])
+    if any(ms > duration for ms in sweep) or event_window in sweep or len(set(sweep)) < len(sweep):
+        problems.append(f"windows.event_window_sweep_ms ({sweep}) must hold lengths other than windows.event_window_ms "
+                        f"({event_window}), each once, each within windows.clip_duration_ms ({duration})")  # fmt: skip
+    swept_methods = [m for m in config["speculative"].get("window_sweep_methods", []) if m in config["speculative"]["methods"]]
+    if sweep and not swept_methods:
+        problems.append(f"windows.event_window_sweep_ms ({sweep}) sweeps none of speculative.methods: "
+                        f"speculative.window_sweep_methods must name one of them")  # fmt: skip
     if config["dataset"]["kind"] == "synthetic" and config["world"]["duration_s"] * 1000 < duration:
         problems.append(f"world.duration_s ({config['world']['duration_s']}) is shorter than one clip "
                         f"(windows.clip_duration_ms = {duration}): no recording would hold a clip")  # fmt: skip

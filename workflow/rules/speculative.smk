@@ -55,6 +55,23 @@ use rule speculate as speculate_selection with:
         f"{RESULTS}/benchmarks/speculate_selection/shard-{{shard}}.tsv"
 
 
+use rule speculate as speculate_window with:
+    output:
+        shards=expand(f"{SPEC}/window-{{{{window_ms}}}}ms/{{method}}/shard-{{{{shard}}}}.parquet", method=WINDOW_METHODS),
+    params:
+        paths=model_paths(),
+        data_dir=parent("manifest"),
+        out_dir=parent("shards", 2),
+        n_shards=SPEC_CONFIG["shards"],
+        settings=lambda wildcards: speculate_settings(SPEC_CONFIG["split"], WINDOW_METHODS, lossless_draws=0,
+                                                      event_window_ms=int(wildcards.window_ms)),
+        code=command_code("speculate"),
+    log:
+        f"{LOGS}/speculate_window/{{window_ms}}ms/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speculate_window/{{window_ms}}ms/shard-{{shard}}.tsv"
+
+
 rule spec_summary:
     conda:
         ENV
@@ -63,12 +80,16 @@ rule spec_summary:
         manifest=f"{RESULTS}/data/manifest.parquet",
         selection=expand(f"{SELECTION}/{{method}}/shard-{{shard}}.parquet", method=SELECTION_METHODS,
                          shard=SPEC_SHARDS) if SELECTING else [],
+        windows=expand(f"{SPEC}/window-{{window_ms}}ms/{{method}}/shard-{{shard}}.parquet", window_ms=WINDOW_SWEEP,
+                       method=WINDOW_METHODS, shard=SPEC_SHARDS),
     output:
         summary=f"{SPEC}/summary.json",
         clips=f"{SPEC}/clips.parquet",
     params:
         spec_dir=parent("shards", 2),
         selection=f"--selection-dir {SELECTION} --selection-split {SPEC_CONFIG['selection_split']}" if SELECTING else "",
+        windows=lambda wildcards, input: " ".join(f"--window-dir {ms}={Path(input.windows[0]).parents[2]}/window-{ms}ms"
+                                                  for ms in WINDOW_SWEEP),
         code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
@@ -76,4 +97,4 @@ rule spec_summary:
         f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
         "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output.summary}"
-        " --clips {output.clips} {params.selection} 2> {log}"
+        " --clips {output.clips} {params.selection} {params.windows} 2> {log}"

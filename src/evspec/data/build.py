@@ -2,10 +2,12 @@
 
 manifest.parquet, one row per clip kept:
     sample_id, sequence, clip_index, t_start_us, t_end_us, event_start_us, event_end_us,
-    n_events, question_type, question, answer, split, tensor_index, and the synthetic
+    n_events, (n_events_{ms}ms per swept window,) question_type, question, answer, split, tensor_index, and the synthetic
     world's ground truth (gt_shape, gt_colour, gt_direction, gt_count, gt_description; null for DSEC)
 tensors.h5, row `tensor_index` of each dataset belongs to that clip:
     event_images [N, T, 3, H, W] uint8   EventGPT images of the draft's window, sensor-sized canvas
+    event_images_{ms}ms                  the same for each window of the event-window sweep (ending where the
+                                         draft's window ends); all zero where it holds fewer than T events
     frames       [N, n_frames, 3, h, w]  uint8, sampled uniformly over the clip
     frame_single [N, 1, 3, h, w]         uint8, the clip's last frame (nearest the event window)
     sample_id    [N]                     the manifest's id, for joining
@@ -61,20 +63,27 @@ def build_tensors(
             scene = scene_from_dict(recording.annotations()) if dataset.kind == "synthetic" else None
             height, width = _sensor_size(recording)
             for clip in plan_clips(name, recording.frame_times_us, windows):
-                events = read_dsec_window(recording.events_path, clip.event_start_us, clip.event_end_us)
+                widest_us = 1000 * max((windows.event_window_ms, *windows.event_window_sweep_ms))
+                read = read_dsec_window(recording.events_path, clip.event_end_us - widest_us, clip.event_end_us)
+                events = read.since(clip.event_start_us)
                 if len(events) < max(windows.min_events, windows.n_event_images):
                     skipped.append({"sample_id": clip.sample_id, "sequence": name, "n_events": len(events),
                                     "reason": f"fewer than {windows.min_events} events in the event window"})  # fmt: skip
                     continue
                 images = eventgpt_images(events, windows.n_event_images, height, width)
+                swept = {ms: read.since(clip.event_end_us - 1000 * ms) for ms in windows.event_window_sweep_ms}
                 frames = np.stack([recording.frame(i, size_hw) for i in clip.frame_indices])
                 # frame_single is the last of the sampled frames (Clip.single_frame_index)
-                tensor_index = writer.append(clip.sample_id, images, frames, frames[-1:])
+                tensor_index = writer.append(clip.sample_id, {
+                    "event_images": images, "frames": frames, "frame_single": frames[-1:],
+                    **{f"event_images_{ms}ms": _sweep_images(window, images.shape, windows)
+                       for ms, window in swept.items()}})  # fmt: skip
                 middle_s = (clip.t_start_us + clip.t_end_us) / 2e6  # what "describe" places the objects at
                 question_type, question, reference = _question(dataset, scene, sequence_number, clip, middle_s,
                                                                (height, width))  # fmt: skip
                 rows.append(_manifest_row(clip, len(events), question_type, question, reference,
-                                          splits[name], tensor_index, scene, middle_s, (height, width)))  # fmt: skip
+                                          splits[name], tensor_index, scene, middle_s, (height, width))
+                            | {f"n_events_{ms}ms": len(window) for ms, window in swept.items()})  # fmt: skip
         if not rows:
             raise ValueError(f"{root}: every clip was skipped (fewer than {windows.min_events} events per window)")
         handle.attrs["windows"] = to_json(windows)
@@ -88,6 +97,14 @@ def build_tensors(
     log.info("%d clips kept, %d skipped, splits %s", len(manifest), len(skipped_frame),
              manifest["split"].value_counts().to_dict())  # fmt: skip
     return manifest
+
+
+def _sweep_images(events, shape: tuple[int, ...], windows: WindowSettings) -> np.ndarray:
+    """EventGPT's images of one swept window; zeros where it holds fewer events than images (speculate skips
+    those clips for that window, by their n_events_{ms}ms)."""
+    if len(events) < windows.n_event_images:
+        return np.zeros(shape, dtype=np.uint8)
+    return eventgpt_images(events, windows.n_event_images, shape[1], shape[2])
 
 
 def _sensor_size(recording: Recording) -> tuple[int, int]:
@@ -138,13 +155,10 @@ class _TensorWriter:
         self.handle = handle
         self.count = 0
 
-    def append(self, sample_id: str, images: np.ndarray, frames: np.ndarray, single: np.ndarray) -> int:
-        arrays = {
-            "event_images": images.transpose(0, 3, 1, 2),  # [T, H, W, 3] -> [T, 3, H, W]
-            "frames": frames.transpose(0, 3, 1, 2),
-            "frame_single": single.transpose(0, 3, 1, 2),
-        }
-        for name, array in arrays.items():
+    def append(self, sample_id: str, images: dict[str, np.ndarray]) -> int:
+        """One clip's image stacks, by dataset name, each [K, H, W, 3] (stored [K, 3, H, W])."""
+        for name, stack in images.items():
+            array = stack.transpose(0, 3, 1, 2)
             if name not in self.handle:
                 self.handle.create_dataset(name, shape=(0, *array.shape), maxshape=(None, *array.shape),
                                            dtype=np.uint8, chunks=(1, *array.shape), **lz4_checksummed())  # fmt: skip

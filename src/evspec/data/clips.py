@@ -25,12 +25,21 @@ class WindowSettings:
     min_events: int = 100  # a draft window with fewer events is skipped (and recorded as skipped)
     frame_height: int | None = None  # None: keep the recording's frame size
     frame_width: int | None = None
+    # other lengths of the draft's window, ending where it ends (the event-window sweep); each within EventGPT's
+    # regime, never a whole clip: tensors.h5 gets event_images_{ms}ms, the manifest n_events_{ms}ms
+    event_window_sweep_ms: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0 < self.event_window_ms < EVENTGPT_MAX_WINDOW_MS:
-            raise ValueError(f"event_window_ms must be in (0, {EVENTGPT_MAX_WINDOW_MS}), got {self.event_window_ms}")
-        if self.event_window_ms > self.clip_duration_ms:
-            raise ValueError("event_window_ms cannot exceed clip_duration_ms")
+        for name, window in (("event_window_ms", self.event_window_ms),
+                             *(("event_window_sweep_ms", ms) for ms in self.event_window_sweep_ms)):  # fmt: skip
+            if not 0 < window < EVENTGPT_MAX_WINDOW_MS:
+                raise ValueError(f"{name} must be in (0, {EVENTGPT_MAX_WINDOW_MS}), got {window}")
+            if window > self.clip_duration_ms:
+                raise ValueError(f"{name} ({window}) cannot exceed clip_duration_ms ({self.clip_duration_ms})")
+        if self.event_window_ms in self.event_window_sweep_ms or len(set(self.event_window_sweep_ms)) < len(
+                self.event_window_sweep_ms):  # fmt: skip
+            raise ValueError(f"event_window_sweep_ms {list(self.event_window_sweep_ms)} must hold other lengths than "
+                             f"event_window_ms ({self.event_window_ms}), each once")
         if not 0 <= self.clip_overlap_ms < self.clip_duration_ms:
             raise ValueError("clip_overlap_ms must be in [0, clip_duration_ms)")
         if (self.frame_height is None) != (self.frame_width is None):

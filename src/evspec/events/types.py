@@ -42,6 +42,10 @@ class Events:
         """Events [start, stop) by index, as views."""
         return Events(self.x[start:stop], self.y[start:stop], self.t[start:stop], self.p[start:stop])
 
+    def since(self, t_us: int) -> Events:
+        """The events at or after `t_us` (the stream is time-sorted), as views."""
+        return self.slice(int(np.searchsorted(self.t, t_us, side="left")), len(self))
+
     @property
     def duration_us(self) -> int:
         return int(self.t[-1] - self.t[0]) if len(self) else 0

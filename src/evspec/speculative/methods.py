@@ -86,6 +86,7 @@ class SpecSettings:
     compile: bool | None = None  # the engines' torch.compile; None: on CUDA
     draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
     draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
+    event_window_ms: int | None = None  # a swept event window (tensors.h5's event_images_{ms}ms); None: the draft's own
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -101,6 +102,11 @@ class SpecSettings:
                 raise ValueError(f"draft_lengths needs a list of k for {method!r}")
         if min(self.tree_top_k, self.tree_nodes) < 1:
             raise ValueError(f"tree_top_k ({self.tree_top_k}) and tree_nodes ({self.tree_nodes}) must be positive")
+
+    @property
+    def event_dataset(self) -> str:
+        """The tensors.h5 dataset EventGPT's images are read from."""
+        return "event_images" if self.event_window_ms is None else f"event_images_{self.event_window_ms}ms"
 
     @property
     def sampling(self) -> SamplingSpec:

@@ -51,10 +51,10 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
         raise InputError("--adapter-dir", "the feature methods need the trained draft head (head.safetensors)")
     if not 0 <= shard < n_shards:
         raise InputError("--shard", f"shard {shard} is outside 0..{n_shards - 1}")
-    split = _split_clips(data_dir, settings)
+    split = _split_clips(data_dir, settings, pair.draft.config.n_event_images)
     clips = split.iloc[shard::n_shards]
     with open_h5(data_dir / "tensors.h5") as handle:
-        frames, events = require_dataset(handle, "frames"), require_dataset(handle, "event_images")
+        frames, events = require_dataset(handle, "frames"), require_dataset(handle, settings.event_dataset)
         single = require_dataset(handle, "frame_single") if "target-1frame" in settings.methods else None
         loaded = [_load_clip(row, frames, events, pair, settings, data_dir, single) for row in clips.itertuples()]
     if not loaded:
@@ -150,11 +150,23 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _split_clips(data_dir: Path, settings: SpecSettings) -> pd.DataFrame:
-    """The evaluated clips in a fixed order (shards deal them round-robin)."""
+def _split_clips(data_dir: Path, settings: SpecSettings, n_event_images: int) -> pd.DataFrame:
+    """The evaluated clips in a fixed order (shards deal them round-robin); in a swept event window, those whose
+    window holds an event per EventGPT image."""
     manifest = pd.read_parquet(data_dir / "manifest.parquet")
     clips = manifest[manifest["split"] == settings.split].sort_values("sample_id")
-    return clips.head(settings.max_clips) if settings.max_clips else clips
+    clips = clips.head(settings.max_clips) if settings.max_clips else clips
+    if settings.event_window_ms is None:
+        return clips
+    counts = f"n_events_{settings.event_window_ms}ms"  # a swept window: EventGPT needs an event per image
+    if counts not in clips:
+        raise InputError(data_dir / "manifest.parquet", f"no {counts} column: the data stage did not sweep a "
+                         f"{settings.event_window_ms} ms window (windows.event_window_sweep_ms)")  # fmt: skip
+    too_few = clips[counts] < n_event_images
+    if too_few.any():
+        log.warning("%d of %d clips hold fewer than %d events in the %d ms window: not evaluated there",
+                    int(too_few.sum()), len(clips), n_event_images, settings.event_window_ms)  # fmt: skip
+    return clips[~too_few]
 
 
 def _load_clip(row, frames, events, pair: ModelPair, settings: SpecSettings, source: Path, single=None) -> Clip:

@@ -16,7 +16,10 @@ conditional per-position acceptance, tokens per cycle, c, v and the cost model a
   draws (and on EventGPT alone, the negative control);
 - per question type (given the data stage's manifest): the same speedup, median and interval,
   over that type's clips, and the target's answer length there (answers of different types
-  differ in length, and the length decides what drafting can save).
+  differ in length, and the length decides what drafting can save);
+- the event-window sweep (given speculate's runs on swept windows): per window, method and k, the same
+  speedup (against the target in the same run), tau, alpha with its counts and losslessness, beside the
+  draft's own window's numbers from the main run.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
 
 
 def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None,
-              selection_dir: Path | None = None, selection_split: str = "val") -> dict:  # fmt: skip
+              selection_dir: Path | None = None, selection_split: str = "val",
+              window_dirs: dict[int, Path] | None = None) -> dict:  # fmt: skip
     """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional);
     `clips_path`: where to write the per-clip table (`clip_table`); `selection_dir`: speculate's output on
-    another split, where each method's k is chosen (`select_k`)."""
+    another split, where each method's k is chosen (`select_k`); `window_dirs`: speculate's output per swept
+    event window (ms -> directory; `window_sweep`)."""
     question_types = manifest = None
     if manifest_path is not None:
         manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type", "question"])
@@ -103,6 +108,9 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
             entry["cascade"] = _cascade_stages(ran)
     if selection_dir is not None:
         summary["selection"] = select_k(selection_dir, selection_split)
+    if window_dirs:
+        own_ms = None if manifest is None else _event_window_ms(manifest_path)
+        summary["event_window_sweep"] = window_sweep(window_dirs, summary["methods"], own_ms)
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if clips_path is not None:
@@ -157,6 +165,46 @@ def select_k(selection_dir: Path, split: str) -> dict:
             medians.setdefault(method, {})[int(k)] = float(np.median(_speedup(joined)))
     return {"split": split, "n_clips": int(target.index.nunique()),
             "k": {method: max(by_k, key=by_k.get) for method, by_k in medians.items()}, "speedup_median": medians}
+
+
+WINDOW_FIELDS = ("n_clips", "speedup_median", "speedup_ci95", "tau", "alpha", "accepted_drafts", "drafted",
+                 "tokens_per_cycle", "exact_match_rate")  # fmt: skip
+
+
+def window_sweep(window_dirs: dict[int, Path], own_entries: list[dict], own_ms: int | None) -> list[dict]:
+    """Per swept event window, method and k: speedup over the target of the same run (median, interval), tau,
+    alpha with its counts and the greedy exact-match rate; then the same fields of the main run's entries for
+    those methods and k, at the draft's own window (`own_ms`)."""
+    entries = []
+    for ms, directory in sorted(window_dirs.items()):
+        paths = sorted(path for path in directory.glob("*/shard-*.parquet") if path.parent.name != "lossless")
+        if not paths:
+            raise InputError(directory, "no {method}/shard-*.parquet files of the swept window")
+        rows = _read_shards(paths)
+        ran = rows[rows["status"] == "ok"]
+        target = ran[ran["method"] == "target"].set_index("sample_id")
+        for (method, k), group in ran[ran["method"] != "target"].groupby(["method", "k"], sort=False):
+            joined = group.merge(target[["total_ms", "output_ids"]], left_on="sample_id", right_index=True,
+                                 suffixes=("", "_target"))  # fmt: skip
+            greedy = float(group["temperature"].iloc[0]) == 0.0
+            entry = {"window_ms": int(ms), "own_window": False, "method": method, "k": int(k), "n_clips": len(joined),
+                     **_median_and_interval("speedup", _speedup(joined)), "tau": _tau(group),
+                     "exact_match_rate": float(np.mean([list(a) == list(b) for a, b in zip(
+                         joined["output_ids"], joined["output_ids_target"])])) if greedy else None}  # fmt: skip
+            if group["drafted"].sum() > 0:
+                entry.update(_acceptance(group))
+            entries.append({field: entry.get(field) for field in ("window_ms", "own_window", "method", "k",
+                                                                  *WINDOW_FIELDS)})  # fmt: skip
+    swept = {(e["method"], e["k"]) for e in entries}
+    own = [{"window_ms": own_ms, "own_window": True, **{field: e.get(field) for field in ("method", "k", *WINDOW_FIELDS)}}
+           for e in own_entries if (e["method"], e["k"]) in swept and e.get("status") == "ok"]  # fmt: skip
+    return sorted(entries + own, key=lambda e: (e["method"], e["k"], e["window_ms"] or 0))
+
+
+def _event_window_ms(manifest_path: Path) -> int:
+    """The draft's own window, from the manifest's event spans (the median, in whole ms)."""
+    spans = pd.read_parquet(manifest_path, columns=["event_start_us", "event_end_us"])
+    return int(round(float((spans["event_end_us"] - spans["event_start_us"]).median()) / 1000))
 
 
 def _median_and_interval(name: str, values: np.ndarray) -> dict:
