@@ -49,7 +49,15 @@ def results(tmp_path):
                                        conditional_acceptance_by_position=[0.9, 0.889, 0.875, 0.857]),
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"},
                            _spec_entry("target-1frame", 0, 1.6, exact_match_rate=0.25),
-                           _spec_entry("feature", 2, 2.0), _spec_entry("token", 2, 1.2), _spec_entry("token", 4, 1.3)]}  # fmt: skip
+                           _spec_entry("feature", 2, 2.0), _spec_entry("token", 2, 1.2), _spec_entry("token", 4, 1.3),
+                           _spec_entry("cascade", 4, 1.1, cascade={
+                               "lookup_drafted": 10, "lookup_accepted": 6, "lookup_acceptance": 0.6,
+                               "eventgpt_forwards": 8, "eventgpt_drafts": 12, "eventgpt_drafts_per_forward": 1.5})],
+               "event_window_sweep": [
+                   {"window_ms": ms, "own_window": ms == 50, "method": "token", "k": 2, "n_clips": 4,
+                    "speedup_median": speedup, "speedup_ci95": [speedup - 0.1, speedup + 0.1], "tau": 1.5, "alpha": 0.5,
+                    "accepted_drafts": 4, "drafted": 8, "tokens_per_cycle": 2.0, "exact_match_rate": 1.0}
+                   for ms, speedup in ((10, 0.9), (50, 1.2))]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame([{"sample_id": f"s{i}/0", "question_type": "shape", "question": "What shape?", "method": method, "k": k,
                    "answer_text": f"answer {i}", "output_ids": [5, 2], "new_tokens": 2, "target_forwards": 1,
@@ -97,6 +105,10 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "fastest on the val split\n(2 clips: feature k = 4)" in text["index"]
     assert "| token | 4 | 1.30x |" in text["index"] and "For token the best k is chosen on these same clips" in text["index"]
     assert "another input: 25.0% of clips agree" in text["speculative"]
+    assert "First stage: EventGPT kept 6\n  of 10 guesses (60.0%), 1.50 drafts per" in text["speculative"]
+    for page in ("index", "speculative"):  # the event-window sweep, the own window marked
+        assert "| token | 2 | 10 | 4 | 0.90x | 0.80-1.00 | 1.50 | 50.0% (4 / 8) | 100.0% |" in text[page]
+        assert "| token | 2 | 50 (own) | 4 | 1.20x |" in text[page]
     assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
         in text["index"]  # fmt: skip
     # 80.8% vs 90.0% of 708 tokens: -9.2 points +- 1.96 sqrt((.808 .192 + .9 .1) / 708) = +- 3.6
@@ -146,3 +158,21 @@ def test_missing_results_are_said_not_invented(tmp_path):
     pages = render_reports(empty, {"run": "empty"}, {}, tmp_path / "reports")
     text = {page.stem: page.read_text() for page in pages}
     assert "No speculative results" in text["index"] and "No stage timings" in text["stages"]
+
+
+def test_reduced_precision_reports_the_identical_share_and_still_ranks(results, tmp_path):
+    """bf16 greedy: ids part where logits tie within the rounding, so a method below 100% identical is ranked with
+    its identical share and the dtype said (REFERENCE.md); in float32 the same rate is not lossless."""
+    path = results / "spec" / "summary.json"
+    summary = json.loads(path.read_text())
+    for entry in summary["methods"]:
+        if entry["method"] == "feature" and entry["k"] == 4:
+            entry["exact_match_rate"], entry["first_divergence"] = 0.975, {"sample_id": "s2/0", "position": 3}
+    for dtype, ranked in (("bfloat16", True), ("float32", False)):
+        path.write_text(json.dumps({**summary, "dtype": dtype}))
+        text = {p.stem: p.read_text() for p in render_reports(results, {"run": "fixture"}, {}, tmp_path / dtype)}
+        row = "| feature | 4 | 1.87x | 1.77-2.07 | 2.50 | 3.21 | 81.2% (325 / 400) | 97.5% of clips identical"
+        assert (row + " in bfloat16 (lossless is exact in float32) |" in text["index"]) == ranked
+        assert ("| feature | 4 | not lossless |" in text["index"]) == (not ranked)
+        assert "first divergence at answer position 3 of `s2/0`" in text["speculative"]
+        assert ("This run is in bfloat16" in text["speculative"]) == ranked

@@ -105,14 +105,14 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
            "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
-           "draft_setup_ms", "decode_ms", "total_ms", "device", "overlapped", "status", "exact_match",
+           "draft_setup_ms", "decode_ms", "total_ms", "device", "dtype", "overlapped", "status", "exact_match",
            "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", *DRAFTER_COUNTS]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 
 def _run_one(engines: Engines, method: str, clip: Clip, k: int, settings: SpecSettings) -> dict:
     row = {"sample_id": clip.sample_id, "method": method, "k": k, "temperature": settings.temperature,
-           "top_k": settings.top_k, "top_p": settings.top_p, "device": _device_name(engines.device),
+           "top_k": settings.top_k, "top_p": settings.top_p, "device": _device_name(engines.device), "dtype": settings.dtype,
            "overlapped": method == "prefill" and engines.overlapped}  # fmt: skip
     try:
         timed = engines.run(method, clip, k)

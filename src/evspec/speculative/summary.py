@@ -67,6 +67,7 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
         raise ValueError(f"{spec_dir}: no rows of the target method, the baseline of every speedup")
     greedy = float(target["temperature"].iloc[0]) == 0.0
     summary = {"n_clips": int(target.index.nunique()), "device": str(target["device"].iloc[0]),
+               "dtype": str(target["dtype"].iloc[0]) if "dtype" in target else "float32",
                "temperature": float(target["temperature"].iloc[0]), "top_k": int(target["top_k"].iloc[0]),
                "top_p": float(target["top_p"].iloc[0]), "greedy": greedy,
                "target_decode_ms_per_token": _median(_decode_ms_per_token(target)),
