@@ -176,3 +176,13 @@ def test_reduced_precision_reports_the_identical_share_and_still_ranks(results, 
         assert ("| feature | 4 | not lossless |" in text["index"]) == (not ranked)
         assert "first divergence at answer position 3 of `s2/0`" in text["speculative"]
         assert ("This run is in bfloat16" in text["speculative"]) == ranked
+
+
+def test_a_projection_is_made_only_to_7b_shapes(results, tmp_path):
+    """At the pair's own scale the run's prediction (its own c and v) is the only one: no second table of c."""
+    stages = pd.read_parquet(results / "bench" / "stages.parquet")
+    for scale, projected in (("7b", True), ("pair", False)):
+        stages.assign(scale=scale).to_parquet(results / "bench" / "stages.parquet")
+        text = (render_reports(results, {"run": "fixture"}, {}, tmp_path / scale)[0].parent / "speculative.md").read_text()
+        assert ("## Projection (not a measurement)" in text) == projected
+        assert ("Stage timing ran at this pair's own scale" in text) == (not projected)

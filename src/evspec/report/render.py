@@ -54,7 +54,9 @@ def render_reports(results: Path, config: dict, model_dirs: dict[str, str], out_
         context["spec"] = speculative_section(results, temporary)
         context["clips"] = clips_section(results, context["spec"], temporary)
         context["lossless_alpha"] = LOSSLESS_ALPHA
-        context["projection"] = projection(context["spec"], context["stages"]) if context["spec"] and context["stages"] else []
+        # a projection to 7B shapes only: at the pair's own scale the run's prediction (its own c and v) is the one
+        context["projection"] = projection(context["spec"], context["stages"]) if (
+            context["spec"] and context["stages"] and context["stages"]["scale"] == "7b") else []  # fmt: skip
         context["toy"] = _json(results / "models" / "toy-metrics.json")
         context["run_info"] = run_info(config, model_dirs, context)
         for page in PAGES:
