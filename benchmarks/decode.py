@@ -118,14 +118,17 @@ def transformers_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, **op
 
 
 def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int, draft_vocab: int | None,
-                  profile: bool = False) -> dict:  # fmt: skip
+                  profile: bool = False, tree: tuple[int, int, int] = (4, 4, 16)) -> dict:  # fmt: skip
+    """One head token at each answer length: a chain proposal of k / k, and an EAGLE-2 tree proposal of
+    `tree` = (depth, top-k, nodes) / depth (`tree` in the result, per answer length)."""
     head = DraftHead(HeadConfig(hidden_size=4096, event_size=4096, n_heads=32, intermediate_size=11008,
                                 adapter_hidden_size=4096, draft_vocab_size=draft_vocab)).to("cuda", torch.bfloat16).eval()  # fmt: skip
     if draft_vocab:  # which rows does not change the cost
         head.set_draft_vocab(torch.randperm(model.lm_head.out_features)[:draft_vocab])
     n_events = 582
-    engine = HeadEngine(head, model.model.embed_tokens, model.lm_head, n_events, max(answer_lengths) + 2 * repeats + 8,
-                        k, Sampler())  # fmt: skip
+    depth, top_k, nodes = tree
+    engine = HeadEngine(head, model.model.embed_tokens, model.lm_head, n_events, max(answer_lengths) + 4 * repeats + 8,
+                        max(k, depth * top_k), Sampler())  # fmt: skip
     engine.load_events(torch.randn(n_events, 4096, device="cuda", dtype=torch.bfloat16))
     hidden = torch.randn(max(answer_lengths), 4096, device="cuda", dtype=torch.bfloat16)
     tokens = torch.randint(3, 32000, (max(answer_lengths),)).tolist()
@@ -140,6 +143,12 @@ def head_token_ms(model, answer_lengths: list[int], k: int, repeats: int, draft_
             engine.commit(tokens[:1], hidden[:1])
 
         costs[length] = median_ms(cycle, CUDA, repeats, warmup=2) / k
+
+        def tree_cycle() -> None:  # a tree proposal and the commit of one token
+            engine.draft_tree(depth, top_k, nodes)
+            engine.commit(tokens[:1], hidden[:1])
+
+        costs.setdefault("tree", {})[length] = median_ms(tree_cycle, CUDA, repeats, warmup=2) / depth
     if profile:
         costs["kernels per cycle"] = kernel_breakdown(cycle)
     return costs
@@ -254,7 +263,8 @@ def main() -> None:
         heads[f"draft vocabulary of {args.draft_vocab}"] = head_token_ms(model, answer_lengths, args.head_k,
                                                                          args.repeats, args.draft_vocab, args.profile)  # fmt: skip
     for name, costs in heads.items():
-        progress(f"head, {name}", {**costs, "c": {n: costs[n] / step_ms for n in answer_lengths}})
+        progress(f"head, {name}", {**costs, "c": {n: costs[n] / step_ms for n in answer_lengths},
+                                   "tree c": {n: costs["tree"][n] / step_ms for n in answer_lengths}})
     large = engine_costs(model, prompt, args.large_capacity, ks, args.repeats, **engine_options(default))
     progress(f"{default} at capacity {args.large_capacity}", large)
     recompiled = []
@@ -295,6 +305,9 @@ def main() -> None:
     for name, costs in heads.items():
         print(f"draft head, {name}, one token (proposal of {args.head_k} / {args.head_k}): "
               + "  ".join(f"answer {n}: {costs[n]:.3f} ms, c = {costs[n] / step_ms:.3f}" for n in answer_lengths))  # fmt: skip
+        print(f"draft head, {name}, one tree level (depth 4, top-k 4, 16 nodes: a tree proposal / 4): "
+              + "  ".join(f"answer {n}: {costs['tree'][n]:.3f} ms, c = {costs['tree'][n] / step_ms:.3f}"
+                          for n in answer_lengths))  # fmt: skip
     if args.profile:
         print("kernels of the default step:", json.dumps(variants[default]["kernels"]))
         for name, costs in heads.items():

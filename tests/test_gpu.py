@@ -201,10 +201,15 @@ def test_head_engine_graphs_equal_the_cpu_engine(compile):
         cpu.start(5, hidden[0])
         gpu.start(5, hidden[0].cuda())
         generator = torch.Generator().manual_seed(1)
-        for cycle in range(120):  # several graphs (k = 2, 4) and a second length bucket
+        for cycle in range(120):  # several graphs (k = 2, 4; greedy: trees too) and a second length bucket
             k = 2 if cycle % 3 else 4
-            state = gpu.sampler.generator.get_state()
-            (cpu_ids, cpu_q), (gpu_ids, gpu_q) = cpu.propose(k), gpu.propose(k)
+            if spec.greedy and cycle % 5 == 4:  # an EAGLE-2 tree, its levels one graph per (depth, top-k, bucket)
+                (cpu_ids, cpu_parents), (gpu_ids, gpu_parents) = cpu.draft_tree(2, 2, 3), gpu.draft_tree(2, 2, 3)
+                assert (gpu_ids.tolist(), gpu_parents) == (cpu_ids.tolist(), cpu_parents), cycle
+                k = 2  # the commit below: up to depth + 1 tokens
+            else:
+                state = gpu.sampler.generator.get_state()
+                (cpu_ids, cpu_q), (gpu_ids, gpu_q) = cpu.propose(k), gpu.propose(k)
             if spec.greedy:
                 assert gpu_ids.tolist() == cpu_ids.tolist()
             else:  # the first draft's law equals the CPU's; every draft is its law's inverse CDF at the uniforms drawn
@@ -215,7 +220,8 @@ def test_head_engine_graphs_equal_the_cpu_engine(compile):
             kept, kept_hidden = torch.randint(3, HEAD_VOCAB, (m,), generator=generator).tolist(), torch.randn(m, HIDDEN)
             cpu.commit(kept, kept_hidden)
             gpu.commit(kept, kept_hidden.cuda())
-        assert gpu.length > 256 and len(gpu.graphs.graphs) == 4
+        trees = sum(key[0] == "tree" for key in gpu.graphs.graphs)
+        assert gpu.length > 256 and len(gpu.graphs.graphs) - trees == 4 and (trees >= 2) == spec.greedy
 
 
 @pytest.mark.parametrize("compile", [False, True])

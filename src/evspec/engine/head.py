@@ -32,7 +32,7 @@ from evspec.engine import matvec
 from evspec.engine.kernels import (Graphs, additive_mask, attend, bucket_end, compile_per_shape, host_to_device,
                                    round_capacity)
 from evspec.speculative.sampling import Sampler, inverse_cdf
-from evspec.speculative.trees import best_nodes, expand_level
+from evspec.speculative.trees import best_nodes
 
 
 class HeadEngine:
@@ -164,52 +164,63 @@ class HeadEngine:
         deterministic function of it), then the `nodes` best of all; ids [n] (target ids) and each one's
         parent (-1: the last committed token; parents first), as `evspec.speculative.decode.TreeDrafter`.
 
-        Eager and driven from the host level by level (one read per level). A node reads the pair (its
-        parent's predicted state, its token) and attends to the committed cache and its ancestors; its K/V
-        go past the committed length, where the next proposal overwrites them.
+        The levels are grown on the device with static shapes (`_tree`), one CUDA graph per (depth, top-k,
+        length bucket) on GPU, and read by the host once; choosing the `nodes` best is host work on depth x top-k
+        candidates. A node reads the pair (its parent's predicted state, its token) and attends to the committed
+        cache and its ancestors; its K/V go past the committed length, where the next proposal overwrites them.
         """
         if not 1 <= depth * top_k <= self.max_k:
             raise ValueError(f"a tree of depth {depth} x top-k {top_k} needs max_k >= {depth * top_k}")
         m = self._fill_slots(self.max_k + 1, depth * top_k)
         attended = bucket_end(self.length + m + depth * top_k, self.capacity)
-        state, _ = self._state_after_pairs(m, attended)
+        out = self.graphs.run(("tree", depth, top_k, attended), lambda: self._tree(depth, top_k, attended),
+                              restore=lambda: None)  # fmt: skip
+        level_tokens, level_rows, level_scores = (values.tolist() for values in out)
         self.length += m
         self.position.fill_(self.length)
         self.pending = None
-        tokens, parents, scores = [], [], []  # the candidates, level by level
-        fed: list[int] = []  # the candidates fed to the head, in cache-slot order
-        ancestry: dict[int, list[int]] = {-1: []}  # candidate -> the slots of its fed ancestors and itself
-        layer, level_scores, states = [-1], self._log_probs(state[0]), state  # children of the last committed token
+        tokens, parents, scores = [], [], []  # the candidates, level by level (those at -inf left out)
+        candidate: dict[tuple[int, int], int] = {}  # (level, row) -> candidate
         for level in range(depth):
-            if level:  # the head reads the level before, for that level's children
-                slots = [self.length + len(fed) + i for i in range(len(layer))]
-                for candidate, slot in zip(layer, slots):
-                    ancestry[candidate] = ancestry[parents[candidate]] + [slot]
-                fed += layer
-                parent_states = states[:, [layer_index[parents[c]] for c in layer]]
-                ids = host_to_device([tokens[c] for c in layer], self.device)
-                if self.draft_vocab is not None:  # positions in the draft vocabulary -> target ids
-                    ids = self.draft_vocab[ids]
-                x, normed = self.head.inputs(parent_states, self._embed(ids))
-                q = self._write(normed, host_to_device(slots, self.device))
-                visible = self.key_positions[None, :attended] < self.length  # the committed cache ...
-                allowed = torch.zeros(len(layer), attended, dtype=torch.bool)
-                for row, candidate in enumerate(layer):
-                    allowed[row, ancestry[candidate]] = True  # ... and the node's ancestors in the tree
-                visible = visible | host_to_device(allowed, self.device)
-                states = self._attend(x, q, visible, attended)
-                cumulative = torch.tensor([scores[c] for c in layer], device=self.device)[:, None]
-                level_scores = cumulative + self._log_probs(states[0])
-            layer_index = {candidate: row for row, candidate in enumerate(layer)}
-            layer = expand_level(level_scores, layer, top_k, tokens, parents, scores)
-            if not layer:
-                break
+            for row in range(top_k):
+                parent = -1 if level == 0 else candidate.get((level - 1, level_rows[level][row]))
+                if level_scores[level][row] == float("-inf") or parent is None:
+                    continue
+                candidate[(level, row)] = len(tokens)
+                tokens.append(level_tokens[level][row])
+                parents.append(parent)
+                scores.append(level_scores[level][row])
         chosen = best_nodes(parents, scores, nodes)
         index = {c: i for i, c in enumerate(chosen)}
-        ids = torch.tensor([tokens[c] for c in chosen])
+        ids = torch.tensor([tokens[c] for c in chosen], dtype=torch.long)
         if self.draft_vocab is not None:  # positions in the draft vocabulary -> target ids
             ids = self.draft_vocab.cpu()[ids]
         return ids, [index.get(parents[c], -1) for c in chosen]
+
+    def _tree(self, depth: int, top_k: int, attended: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tree's levels [depth, top_k]: each level's tokens (draft-vocabulary positions when the head has
+        one), the row of each one's parent in the level before, and cumulative log-probabilities. Level l + 1 is
+        the `top_k` best children of level l's nodes (EAGLE-2's expansion, `evspec.speculative.trees`), read by
+        the head at slots past the committed pairs, each attending to the committed cache and its ancestors."""
+        state, _ = self._state_after_pairs(self.max_k + 1, attended)  # [1, 1, H] at the last committed pair
+        base = self.position + self.count  # the first slot past the committed pairs
+        positions = self.key_positions[None, :attended]
+        best = self._log_probs(state[0]).flatten().topk(top_k)
+        tokens, rows, scores = [best.indices], [torch.zeros_like(best.indices)], [best.values]
+        states, ancestors = state, torch.zeros(1, attended, dtype=torch.bool, device=self.device)
+        for level in range(1, depth):  # the head reads level - 1's nodes, for their children
+            ids = tokens[-1] if self.draft_vocab is None else self.draft_vocab[tokens[-1]]
+            x, normed = self.head.inputs(states[:, rows[-1]], self._embed(ids))
+            slots = base + (level - 1) * top_k + self.offsets[:top_k]
+            q = self._write(normed, slots)
+            ancestors = ancestors[rows[-1]] | (positions == slots[:, None])
+            states = self._attend(x, q, (positions < base) | ancestors, attended)
+            level_scores = scores[-1][:, None] + self._log_probs(states[0])  # [top_k, V or draft vocab]
+            children = level_scores.flatten().topk(top_k)
+            tokens.append(children.indices % level_scores.shape[-1])
+            rows.append(children.indices // level_scores.shape[-1])
+            scores.append(children.values)
+        return torch.stack(tokens), torch.stack(rows), torch.stack(scores)
 
     def _log_probs(self, states: torch.Tensor) -> torch.Tensor:
         """Drafting's log-probabilities [rows, V or draft vocab] of states [rows, H] (warped when sampling)."""
