@@ -1,6 +1,10 @@
-"""EAGLE-2's dynamic draft tree as both tree drafters grow it (EventGPT's `TokenTreeDrafter`, the head's
-`HeadEngine.draft_tree`): candidates level by level, each level the `top_k` children of the level before
-with the highest cumulative draft log-probability, then the best `nodes` of all, their ancestors kept."""
+"""EAGLE-2's dynamic draft tree: candidates level by level, each level the `top_k` children of the level before
+with the highest cumulative draft log-probability, then the best `nodes` of all, their ancestors kept.
+
+EventGPT's `TokenTreeDrafter` grows it here on the host, level by level. The head's engine grows the same levels
+on the device with static shapes so that a CUDA graph holds the whole expansion (`HeadEngine._tree`: every level
+exactly `top_k` rows, children of a parent at -inf at -inf), then drops the -inf candidates and calls
+`best_nodes`; tests hold its trees equal to the head's own forward over each node's path."""
 
 from __future__ import annotations
 
