@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import pandas as pd
@@ -180,6 +181,16 @@ def test_head_tree_drafts_are_lossless(seed):
             assert result.drafted > 0 and len(result.drafted_per_position) == depth
 
 
+def _fresh_chain(draft, prompt: list[int], vocab: int, seed: int, committed: list[int], k: int) -> list[int]:
+    """EventGPT's greedy chain of k after the prompt and `committed`, from a fresh prefill (no cache carried over)."""
+    fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
+    chain = []
+    for _ in range(k):
+        chain.append(int(out.logits[0, -1].argmax()))
+        out = fresh.step(torch.tensor([[chain[-1]]]))
+    return chain
+
+
 class _OracleChain:
     """A head stand-in that drafts the target's own greedy answer: every draft it proposes is kept."""
 
@@ -228,15 +239,7 @@ def test_hybrid_trees_are_lossless_and_eventgpt_keeps_only_its_drafts_on_the_kep
     and the per-source counts must say who proposed what was kept."""
     vocab = 60
     target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
-
-    def fresh_chain(committed: list[int], k: int) -> list[int]:
-        fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
-        chain = []
-        for _ in range(k):
-            chain.append(int(out.logits[0, -1].argmax()))
-            out = fresh.step(torch.tensor([[chain[-1]]]))
-        return chain
-
+    fresh_chain = functools.partial(_fresh_chain, draft, prompt, vocab, seed)
     torch.manual_seed(seed)
     head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
     checked = 0
@@ -290,15 +293,7 @@ def test_cascade_drafts_eventgpts_own_chain_in_fewer_eventgpt_forwards():
     counts = dict.fromkeys(("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts"), 0)
     for seed in range(4):
         target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
-
-        def fresh_chain(committed: list[int], k: int) -> list[int]:
-            fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
-            chain = []
-            for _ in range(k):
-                chain.append(int(out.logits[0, -1].argmax()))
-                out = fresh.step(torch.tensor([[chain[-1]]]))
-            return chain
-
+        fresh_chain = functools.partial(_fresh_chain, draft, prompt, vocab, seed)
         for k in (1, 4):
             engine.rewind(ids.shape[1])
             cascade = _CheckedCascade(fresh_chain, _prefilled(draft, 5, prompt, 400, seed)[0], shared(vocab),
