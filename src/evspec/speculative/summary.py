@@ -95,9 +95,7 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
         if method != "target" and len(decode_speedup):
             entry.update(_median_and_interval("decode_speedup", decode_speedup))
         if greedy:
-            entry.update(exact_match_rate=float(np.mean([list(a) == list(b) for a, b in
-                                                         zip(joined["output_ids"], joined["output_ids_target"])])),
-                         first_divergence=_first_divergence(joined))  # fmt: skip
+            entry.update(exact_match_rate=_exact_match_rate(joined), first_divergence=_first_divergence(joined))
         elif draws is not None and method != "target":
             entry["lossless_test"] = lossless_test(draws, method, int(k))
         if ran["drafted"].sum() > 0:
@@ -190,8 +188,7 @@ def window_sweep(window_dirs: dict[int, Path], own_entries: list[dict], own_ms: 
             greedy = float(group["temperature"].iloc[0]) == 0.0
             entry = {"window_ms": int(ms), "own_window": False, "method": method, "k": int(k), "n_clips": len(joined),
                      **_median_and_interval("speedup", _speedup(joined)), "tau": _tau(group),
-                     "exact_match_rate": float(np.mean([list(a) == list(b) for a, b in zip(
-                         joined["output_ids"], joined["output_ids_target"])])) if greedy else None}  # fmt: skip
+                     "exact_match_rate": _exact_match_rate(joined) if greedy else None}  # fmt: skip
             if group["drafted"].sum() > 0:
                 entry.update(_acceptance(group))
             entries.append({field: entry.get(field) for field in ("window_ms", "own_window", "method", "k",
@@ -241,6 +238,11 @@ def _acceptance(ran: pd.DataFrame) -> dict:
         c, v = float(ran["draft_token_ms"].median()) / step, float(ran["verify_ms"].median()) / step
         out.update(cost_ratio=c, verify_ratio=v, predicted_decode_speedup=predicted_decode_speedup(conditional, c, v))
     return out
+
+
+def _exact_match_rate(joined: pd.DataFrame) -> float:
+    """The share of clips whose ids equal the target's (greedy: lossless means all of them)."""
+    return float(np.mean([list(a) == list(b) for a, b in zip(joined["output_ids"], joined["output_ids_target"])]))
 
 
 def _cascade_stages(ran: pd.DataFrame) -> dict:
