@@ -110,6 +110,7 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
         assert result.returncode == 0, result.stderr
         assert "synthesize_world" in result.stdout and "build_tensors" in result.stdout
         assert "rule speculate_selection:" in result.stdout  # each method's k is chosen on the val split
+        assert "rule speculate_window:" in result.stdout and "rule speculate_tree:" in result.stdout  # the sweeps
     else:  # valid config; fails only because the example's DSEC files are not on this machine
         output = result.stdout + result.stderr
         assert "MissingInputException" in output and "zurich_city_00_a/events/left/events.h5" in output
@@ -131,6 +132,8 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
          r"windows.event_window_sweep_ms \(\[25, 50\]\) must hold lengths other than windows.event_window_ms \(50\)"),
         ({"windows": {"event_window_sweep_ms": [25]}, "speculative": {**TINY_CONFIG["speculative"], "window_sweep_methods": ["cascade"]}},
          r"sweeps none of speculative.methods"),
+        ({"speculative": {**TINY_CONFIG["speculative"], "tree_sweep": [[4, 16]]}},
+         r"speculative.tree_sweep \(\[\[4, 16\]\]\) must hold shapes other than \[tree_top_k, tree_nodes\] \(\[4, 16\]\)"),
         ({"speculative": {**TINY_CONFIG["speculative"], "selection_split": "val"}},
          r"speculative.selection_split \('val'\) has no sequences in split.fractions"),
     ],

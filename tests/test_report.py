@@ -54,10 +54,15 @@ def results(tmp_path):
                                "lookup_drafted": 10, "lookup_accepted": 6, "lookup_acceptance": 0.6,
                                "eventgpt_forwards": 8, "eventgpt_drafts": 12, "eventgpt_drafts_per_forward": 1.5})],
                "event_window_sweep": [
-                   {"window_ms": ms, "own_window": ms == 50, "method": "token", "k": 2, "n_clips": 4,
+                   {"window_ms": ms, "own": ms == 50, "method": "token", "k": 2, "n_clips": 4,
                     "speedup_median": speedup, "speedup_ci95": [speedup - 0.1, speedup + 0.1], "tau": 1.5, "alpha": 0.5,
                     "accepted_drafts": 4, "drafted": 8, "tokens_per_cycle": 2.0, "exact_match_rate": 1.0}
-                   for ms, speedup in ((10, 0.9), (50, 1.2))]}  # fmt: skip
+                   for ms, speedup in ((10, 0.9), (50, 1.2))],
+               "tree_sweep": [
+                   {"tree_top_k": top_k, "tree_nodes": nodes, "own": top_k == 4, "method": "feature-tree", "k": 4,
+                    "n_clips": 4, "speedup_median": 1.1, "speedup_ci95": [1.0, 1.2], "tau": 3.5, "alpha": 0.25,
+                    "accepted_drafts": 10, "drafted": 40, "tokens_per_cycle": 4.5, "exact_match_rate": 1.0}
+                   for top_k, nodes in ((4, 16), (8, 32))]}  # fmt: skip
     (root / "spec" / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame([{"sample_id": f"s{i}/0", "question_type": "shape", "question": "What shape?", "method": method, "k": k,
                    "answer_text": f"answer {i}", "output_ids": [5, 2], "new_tokens": 2, "target_forwards": 1,
@@ -109,6 +114,8 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     for page in ("index", "speculative"):  # the event-window sweep, the own window marked
         assert "| token | 2 | 10 | 4 | 0.90x | 0.80-1.00 | 1.50 | 50.0% (4 / 8) | 100.0% |" in text[page]
         assert "| token | 2 | 50 (own) | 4 | 1.20x |" in text[page]
+        assert "| feature-tree | 4 | 8 / 32 | 4 | 1.10x | 1.00-1.20 | 3.50 | 25.0% (10 / 40) | 100.0% |" in text[page]
+        assert "| feature-tree | 4 | 4 / 16 (own) | 4 |" in text[page]
     assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
         in text["index"]  # fmt: skip
     # 80.8% vs 90.0% of 708 tokens: -9.2 points +- 1.96 sqrt((.808 .192 + .9 .1) / 708) = +- 3.6

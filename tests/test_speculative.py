@@ -442,10 +442,34 @@ def test_a_swept_event_window_feeds_its_own_images_and_is_summarised_beside_the_
     speculate(pair, None, tiny_data, SpecSettings(**settings), 0, 1, tmp_path / "own")
     summary = summarize(tmp_path / "own", tmp_path / "summary.json", tiny_data / "manifest.parquet",
                         window_dirs={25: tmp_path / "w25"})  # fmt: skip
-    rows = {(e["window_ms"], e["own_window"]): e for e in summary["event_window_sweep"]}
+    rows = {(e["window_ms"], e["own"]): e for e in summary["event_window_sweep"]}
     assert set(rows) == {(25, False), (50, True)}  # the tiny world's own window is the default 50 ms
     own = next(e for e in summary["methods"] if e["method"] == "token")
     assert rows[(50, True)]["speedup_median"] == own["speedup_median"] and rows[(50, True)]["tau"] == own["tau"]
     assert rows[(25, False)]["n_clips"] == 2 and rows[(25, False)]["exact_match_rate"] == 1.0
     with pytest.raises(InputError, match="n_events_10ms"):
         speculate(pair, None, tiny_data, SpecSettings(**settings, event_window_ms=10), 0, 1, tmp_path / "w10")
+
+
+def test_a_swept_tree_shape_runs_the_tree_methods_there_and_is_summarised_beside_the_own(tiny_pair_dir, tiny_data,
+                                                                                         tmp_path):  # fmt: skip
+    """speculate at another (top-k, nodes) proposes trees of that shape and stays lossless; spec-summary sets its
+    speedup, tau and alpha beside the main run's own shape (a wider tree drafts more per cycle)."""
+    from evspec.models.toy import load_pair
+    from evspec.speculative.run import SpecSettings, speculate
+    from evspec.speculative.summary import summarize
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer")  # fmt: skip
+    settings = dict(max_new_tokens=6, max_clips=2, split="train", methods=("target", "token-tree"),
+                    draft_lengths={"token-tree": [2]})  # fmt: skip
+    speculate(pair, None, tiny_data, SpecSettings(**settings, tree_top_k=1, tree_nodes=2), 0, 1, tmp_path / "own")
+    wide = speculate(pair, None, tiny_data, SpecSettings(**settings, tree_top_k=3, tree_nodes=6), 0, 1, tmp_path / "w")
+    assert wide["token-tree"]["exact_match"].all()
+    summary = summarize(tmp_path / "own", tmp_path / "summary.json", tiny_data / "manifest.parquet",
+                        tree_dirs={(3, 6): tmp_path / "w"}, tree_shape=(1, 2))  # fmt: skip
+    rows = {(e["tree_top_k"], e["tree_nodes"], e["own"]): e for e in summary["tree_sweep"]}
+    assert set(rows) == {(1, 2, True), (3, 6, False)}
+    own = next(e for e in summary["methods"] if e["method"] == "token-tree")
+    assert rows[(1, 2, True)]["drafted"] == own["drafted"] and rows[(3, 6, False)]["exact_match_rate"] == 1.0
+    assert rows[(3, 6, False)]["drafted"] > rows[(1, 2, True)]["drafted"]  # a chain of 2 against trees of 6

@@ -87,13 +87,23 @@ def _speculate(args: argparse.Namespace) -> None:
 def _spec_summary(args: argparse.Namespace) -> None:
     from evspec.speculative.summary import summarize
 
-    windows = {}
-    for item in args.window_dir:
-        ms, _, directory = item.partition("=")
-        if not ms.isdigit() or not directory:
-            raise InputError("--window-dir", f"expected MS=DIRECTORY, got {item!r}")
-        windows[int(ms)] = Path(directory)
-    summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split, windows)
+    windows = {int(ms[0]): directory for ms, directory in _labelled_dirs(args.window_dir, "--window-dir", 1).items()}
+    trees = _labelled_dirs(args.tree_dir, "--tree-dir", 2)
+    shape = tuple(int(n) for n in args.tree_shape.split("x")) if args.tree_shape else None
+    summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split, windows,
+              trees, shape)  # fmt: skip
+
+
+def _labelled_dirs(items: list[str], option: str, n_numbers: int) -> dict[tuple[int, ...], Path]:
+    """VALUE=DIRECTORY items, VALUE being n_numbers integers joined by x (30, or 4x16), as {(numbers): directory}."""
+    out = {}
+    for item in items:
+        value, _, directory = item.partition("=")
+        numbers = value.split("x")
+        if len(numbers) != n_numbers or not all(n.isdigit() for n in numbers) or not directory:
+            raise InputError(option, f"expected {'x'.join(['N'] * n_numbers)}=DIRECTORY, got {item!r}")
+        out[tuple(int(n) for n in numbers)] = Path(directory)
+    return out
 
 
 def _bench_stages(args: argparse.Namespace) -> None:
@@ -182,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--selection-split", default="val", help="the name of that split (reported)")
     summary.add_argument("--window-dir", action="append", default=[],
                          help="MS=DIRECTORY: speculate's output on a swept event window of MS ms (repeatable)")
+    summary.add_argument("--tree-dir", action="append", default=[],
+                         help="TOPKxNODES=DIRECTORY: speculate's output on a swept tree shape (repeatable)")
+    summary.add_argument("--tree-shape", help="TOPKxNODES: the main run's tree shape (speculative.tree_top_k, tree_nodes)")
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")

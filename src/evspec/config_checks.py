@@ -28,10 +28,19 @@ def check_config(config: Mapping[str, Any]) -> None:
     if any(ms > duration for ms in sweep) or event_window in sweep or len(set(sweep)) < len(sweep):
         problems.append(f"windows.event_window_sweep_ms ({sweep}) must hold lengths other than windows.event_window_ms "
                         f"({event_window}), each once, each within windows.clip_duration_ms ({duration})")  # fmt: skip
-    swept_methods = [m for m in config["speculative"].get("window_sweep_methods", []) if m in config["speculative"]["methods"]]
+    speculative = config["speculative"]
+    swept_methods = [m for m in speculative.get("window_sweep_methods", []) if m in speculative["methods"]]
     if sweep and not swept_methods:
         problems.append(f"windows.event_window_sweep_ms ({sweep}) sweeps none of speculative.methods: "
                         f"speculative.window_sweep_methods must name one of them")  # fmt: skip
+    shapes = [tuple(shape) for shape in speculative.get("tree_sweep", [])]
+    own_shape = (speculative["tree_top_k"], speculative["tree_nodes"])
+    if own_shape in shapes or len(set(shapes)) < len(shapes):
+        problems.append(f"speculative.tree_sweep ({[list(s) for s in shapes]}) must hold shapes other than "
+                        f"[tree_top_k, tree_nodes] ({list(own_shape)}), each once")  # fmt: skip
+    if shapes and not {"token-tree", "feature-tree"} & set(speculative["methods"]):
+        problems.append("speculative.tree_sweep sweeps tree shapes but speculative.methods has no token-tree or "
+                        "feature-tree")  # fmt: skip
     if config["dataset"]["kind"] == "synthetic" and config["world"]["duration_s"] * 1000 < duration:
         problems.append(f"world.duration_s ({config['world']['duration_s']}) is shorter than one clip "
                         f"(windows.clip_duration_ms = {duration}): no recording would hold a clip")  # fmt: skip
@@ -39,7 +48,6 @@ def check_config(config: Mapping[str, Any]) -> None:
     empty = [name for name in ("train", "test") if fractions.get(name, 0) <= 0]
     if empty:
         problems.append(f"split.fractions gives no sequences to {' and '.join(empty)} ({dict(fractions)})")
-    speculative = config["speculative"]
     lengths = speculative.get("draft_lengths", {})
     missing = [method for method in speculative["methods"] if method in DRAFTING and not lengths.get(method)]
     if missing:

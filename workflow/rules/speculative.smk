@@ -72,6 +72,25 @@ use rule speculate as speculate_window with:
         f"{RESULTS}/benchmarks/speculate_window/{{window_ms}}ms/shard-{{shard}}.tsv"
 
 
+use rule speculate as speculate_tree with:
+    output:
+        shards=expand(f"{SPEC}/tree-{{{{tree_top_k}}}}x{{{{tree_nodes}}}}/{{method}}/shard-{{{{shard}}}}.parquet",
+                      method=TREE_METHODS),
+    params:
+        paths=model_paths(),
+        data_dir=parent("manifest"),
+        out_dir=parent("shards", 2),
+        n_shards=SPEC_CONFIG["shards"],
+        settings=lambda wildcards: speculate_settings(SPEC_CONFIG["split"], TREE_METHODS, lossless_draws=0,
+                                                      tree_top_k=int(wildcards.tree_top_k),
+                                                      tree_nodes=int(wildcards.tree_nodes)),
+        code=command_code("speculate"),
+    log:
+        f"{LOGS}/speculate_tree/{{tree_top_k}}x{{tree_nodes}}/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speculate_tree/{{tree_top_k}}x{{tree_nodes}}/shard-{{shard}}.tsv"
+
+
 rule spec_summary:
     conda:
         ENV
@@ -82,6 +101,8 @@ rule spec_summary:
                          shard=SPEC_SHARDS) if SELECTING else [],
         windows=expand(f"{SPEC}/window-{{window_ms}}ms/{{method}}/shard-{{shard}}.parquet", window_ms=WINDOW_SWEEP,
                        method=WINDOW_METHODS, shard=SPEC_SHARDS),
+        trees=[f"{SPEC}/tree-{top_k}x{nodes}/{method}/shard-{shard}.parquet" for top_k, nodes in TREE_SWEEP
+               for method in TREE_METHODS for shard in SPEC_SHARDS],
     output:
         summary=f"{SPEC}/summary.json",
         clips=f"{SPEC}/clips.parquet",
@@ -90,6 +111,9 @@ rule spec_summary:
         selection=f"--selection-dir {SELECTION} --selection-split {SPEC_CONFIG['selection_split']}" if SELECTING else "",
         windows=lambda wildcards, input: " ".join(f"--window-dir {ms}={Path(input.windows[0]).parents[2]}/window-{ms}ms"
                                                   for ms in WINDOW_SWEEP),
+        trees=lambda wildcards, input: " ".join(
+            [f"--tree-shape {SPEC_CONFIG['tree_top_k']}x{SPEC_CONFIG['tree_nodes']}"] * bool(TREE_SWEEP)
+            + [f"--tree-dir {t}x{n}={Path(input.trees[0]).parents[2]}/tree-{t}x{n}" for t, n in TREE_SWEEP]),
         code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
@@ -97,4 +121,4 @@ rule spec_summary:
         f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
         "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output.summary}"
-        " --clips {output.clips} {params.selection} {params.windows} 2> {log}"
+        " --clips {output.clips} {params.selection} {params.windows} {params.trees} 2> {log}"

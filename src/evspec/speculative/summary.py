@@ -17,9 +17,9 @@ conditional per-position acceptance, tokens per cycle, c, v and the cost model a
 - per question type (given the data stage's manifest): the same speedup, median and interval,
   over that type's clips, and the target's answer length there (answers of different types
   differ in length, and the length decides what drafting can save);
-- the event-window sweep (given speculate's runs on swept windows): per window, method and k, the same
+- the sweeps (given speculate's runs on swept event windows or tree shapes): per value, method and k, the same
   speedup (against the target in the same run), tau, alpha with its counts and losslessness, beside the
-  draft's own window's numbers from the main run.
+  main run's numbers at its own value.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
 
 def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None,
               selection_dir: Path | None = None, selection_split: str = "val",
-              window_dirs: dict[int, Path] | None = None) -> dict:  # fmt: skip
+              window_dirs: dict[int, Path] | None = None, tree_dirs: dict[tuple[int, int], Path] | None = None,
+              tree_shape: tuple[int, int] | None = None) -> dict:  # fmt: skip
     """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional);
     `clips_path`: where to write the per-clip table (`clip_table`); `selection_dir`: speculate's output on
     another split, where each method's k is chosen (`select_k`); `window_dirs`: speculate's output per swept
-    event window (ms -> directory; `window_sweep`)."""
+    event window (ms -> directory), `tree_dirs` per swept tree shape ((top-k, nodes) -> directory; the main
+    run's is `tree_shape`): `sweep`."""
     question_types = manifest = None
     if manifest_path is not None:
         manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type", "question"])
@@ -109,7 +111,10 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
         summary["selection"] = select_k(selection_dir, selection_split)
     if window_dirs:
         own_ms = None if manifest is None else _event_window_ms(manifest_path)
-        summary["event_window_sweep"] = window_sweep(window_dirs, summary["methods"], own_ms)
+        summary["event_window_sweep"] = sweep({(ms,): d for ms, d in window_dirs.items()}, ("window_ms",), (own_ms,),
+                                              summary["methods"])  # fmt: skip
+    if tree_dirs:
+        summary["tree_sweep"] = sweep(tree_dirs, ("tree_top_k", "tree_nodes"), tree_shape, summary["methods"])
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if clips_path is not None:
@@ -166,19 +171,20 @@ def select_k(selection_dir: Path, split: str) -> dict:
             "k": {method: max(by_k, key=by_k.get) for method, by_k in medians.items()}, "speedup_median": medians}
 
 
-WINDOW_FIELDS = ("n_clips", "speedup_median", "speedup_ci95", "tau", "alpha", "accepted_drafts", "drafted",
-                 "tokens_per_cycle", "exact_match_rate")  # fmt: skip
+SWEEP_FIELDS = ("method", "k", "n_clips", "speedup_median", "speedup_ci95", "tau", "alpha", "accepted_drafts",
+                "drafted", "tokens_per_cycle", "exact_match_rate")  # fmt: skip
 
 
-def window_sweep(window_dirs: dict[int, Path], own_entries: list[dict], own_ms: int | None) -> list[dict]:
-    """Per swept event window, method and k: speedup over the target of the same run (median, interval), tau,
-    alpha with its counts and the greedy exact-match rate; then the same fields of the main run's entries for
-    those methods and k, at the draft's own window (`own_ms`)."""
+def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, own_entries: list[dict]) -> list[dict]:
+    """A sweep of one setting (`labels` name its fields; `runs` maps each value to speculate's output there): per
+    value, method and k, the speedup over the target of the same run (median, interval), tau, alpha with its
+    counts and the greedy exact-match rate; then the main run's entries for those methods and k at its own value
+    `own` (marked `own`)."""
     entries = []
-    for ms, directory in sorted(window_dirs.items()):
+    for value, directory in sorted(runs.items()):
         paths = sorted(path for path in directory.glob("*/shard-*.parquet") if path.parent.name != "lossless")
         if not paths:
-            raise InputError(directory, "no {method}/shard-*.parquet files of the swept window")
+            raise InputError(directory, "no {method}/shard-*.parquet files of the sweep's run")
         rows = _read_shards(paths)
         ran = rows[rows["status"] == "ok"]
         target = ran[ran["method"] == "target"].set_index("sample_id")
@@ -186,17 +192,16 @@ def window_sweep(window_dirs: dict[int, Path], own_entries: list[dict], own_ms: 
             joined = group.merge(target[["total_ms", "output_ids"]], left_on="sample_id", right_index=True,
                                  suffixes=("", "_target"))  # fmt: skip
             greedy = float(group["temperature"].iloc[0]) == 0.0
-            entry = {"window_ms": int(ms), "own_window": False, "method": method, "k": int(k), "n_clips": len(joined),
-                     **_median_and_interval("speedup", _speedup(joined)), "tau": _tau(group),
+            entry = {"method": method, "k": int(k), "n_clips": len(joined), "tau": _tau(group),
+                     **_median_and_interval("speedup", _speedup(joined)),
                      "exact_match_rate": _exact_match_rate(joined) if greedy else None}  # fmt: skip
             if group["drafted"].sum() > 0:
                 entry.update(_acceptance(group))
-            entries.append({field: entry.get(field) for field in ("window_ms", "own_window", "method", "k",
-                                                                  *WINDOW_FIELDS)})  # fmt: skip
+            entries.append({**dict(zip(labels, value)), "own": False, **{f: entry.get(f) for f in SWEEP_FIELDS}})
     swept = {(e["method"], e["k"]) for e in entries}
-    own = [{"window_ms": own_ms, "own_window": True, **{field: e.get(field) for field in ("method", "k", *WINDOW_FIELDS)}}
-           for e in own_entries if (e["method"], e["k"]) in swept and e.get("status") == "ok"]  # fmt: skip
-    return sorted(entries + own, key=lambda e: (e["method"], e["k"], e["window_ms"] or 0))
+    entries += [{**dict(zip(labels, own or (None,) * len(labels))), "own": True, **{f: e.get(f) for f in SWEEP_FIELDS}}
+                for e in own_entries if (e["method"], e["k"]) in swept and e.get("status") == "ok"]  # fmt: skip
+    return sorted(entries, key=lambda e: (e["method"], e["k"], *(e[label] or 0 for label in labels)))
 
 
 def _event_window_ms(manifest_path: Path) -> int:
