@@ -56,6 +56,7 @@ def build_tensors(
     splits = assign_splits(sequences, split.fractions, split.seed)
     size_hw = (windows.frame_height, windows.frame_width) if windows.frame_height else None
     rows, skipped = [], []
+    widest_us = 1000 * max((windows.event_window_ms, *windows.event_window_sweep_ms))  # one read per clip serves all
     with atomic_output(tensors_path) as temporary, h5py.File(temporary, "w") as handle:
         writer = _TensorWriter(handle)
         for sequence_number, name in enumerate(progress(sequences, desc="clips", unit="seq")):
@@ -63,7 +64,6 @@ def build_tensors(
             scene = scene_from_dict(recording.annotations()) if dataset.kind == "synthetic" else None
             height, width = _sensor_size(recording)
             for clip in plan_clips(name, recording.frame_times_us, windows):
-                widest_us = 1000 * max((windows.event_window_ms, *windows.event_window_sweep_ms))
                 read = read_dsec_window(recording.events_path, clip.event_end_us - widest_us, clip.event_end_us)
                 events = read.since(clip.event_start_us)
                 if len(events) < max(windows.min_events, windows.n_event_images):

@@ -15,14 +15,9 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.engine.kernels import host_to_device
 from evspec.engine.head import HeadEngine
 from evspec.engine.llama import LlamaEngine
+from evspec.speculative.names import CASCADE_COUNTS
 from evspec.speculative.sampling import Sampler
 from evspec.speculative.trees import best_nodes, expand_level
-
-
-# per-answer counts the drafters keep beyond the acceptance counts (columns of the speculate shards):
-# `hybrid`'s accepted drafts per source, `cascade`'s two stages
-DRAFTER_COUNTS = ("accepted_from_eventgpt", "accepted_from_head", "lookup_drafted", "lookup_accepted",
-                  "eventgpt_forwards", "eventgpt_drafts")  # fmt: skip
 
 
 def _stacked(ids: list[torch.Tensor], probs: list[torch.Tensor | None]):
@@ -98,7 +93,7 @@ class CascadeDrafter(TokenDrafter):
                  max_ngram: int = 3) -> None:  # fmt: skip
         super().__init__(draft, vocabulary, target_vocab, sampler)
         self.max_ngram = max_ngram
-        self.counts = dict.fromkeys(("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts"), 0)
+        self.counts = dict.fromkeys(CASCADE_COUNTS, 0)
 
     def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
         super().start(first_token, first_hidden)

@@ -11,4 +11,8 @@ OWN_DRAFTERS = ("token", "token-tree", "feature", "feature-tree", "hybrid", "cas
 UNIT_COSTED = tuple(method for method in OWN_DRAFTERS if method != "cascade")
 TREES = ("token-tree", "feature-tree", "hybrid")  # methods that verify trees: k is the depth
 HEAD_METHODS = ("feature", "feature-tree", "hybrid")  # methods that need the trained draft head
-INPUT_VARIANTS = ("target-1frame",)  # the target on other inputs: compared with the target by agreement, not lossless
+INPUT_VARIANTS = ("target-1frame",)
+# per-answer counts the drafters keep beyond the acceptance counts (columns of the speculate shards): `cascade`'s
+# two stages, and `hybrid`'s accepted drafts per source
+CASCADE_COUNTS = ("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts")
+DRAFTER_COUNTS = ("accepted_from_eventgpt", "accepted_from_head", *CASCADE_COUNTS)  # the target on other inputs: compared with the target by agreement, not lossless

@@ -34,9 +34,8 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.progress import progress
 from evspec.speculative.lossless import DRAFT_ALONE
-from evspec.speculative.drafters import DRAFTER_COUNTS
 from evspec.speculative.methods import Clip, Engines, SpecSettings
-from evspec.speculative.names import DRAFTING, INPUT_VARIANTS, UNIT_COSTED
+from evspec.speculative.names import DRAFTER_COUNTS, DRAFTING, INPUT_VARIANTS, UNIT_COSTED
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from evspec.atomic import atomic_output
 from evspec.errors import InputError
 from evspec.speculative.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
 from evspec.speculative.lossless import DRAFT_ALONE, lossless_test
+from evspec.speculative.names import CASCADE_COUNTS
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -252,8 +253,7 @@ def _exact_match_rate(joined: pd.DataFrame) -> float:
 
 def _cascade_stages(ran: pd.DataFrame) -> dict:
     """`cascade`'s first stage: prompt lookup's guesses EventGPT kept, and EventGPT's drafts per forward."""
-    total = {column: int(ran[column].sum()) for column in
-             ("lookup_drafted", "lookup_accepted", "eventgpt_forwards", "eventgpt_drafts")}  # fmt: skip
+    total = {column: int(ran[column].sum()) for column in CASCADE_COUNTS}
     return {**total, "lookup_acceptance": total["lookup_accepted"] / max(total["lookup_drafted"], 1),
             "eventgpt_drafts_per_forward": total["eventgpt_drafts"] / max(total["eventgpt_forwards"], 1)}
 
