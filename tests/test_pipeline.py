@@ -26,9 +26,12 @@ TINY_CONFIG = {
     "adapter": {"adapter_steps": 5, "head_steps": 5, "unroll_steps": 1, "adapter_hidden_size": 16,
                 "head_intermediate_size": 32},
     "speculative": {"max_new_tokens": 4, "max_clips": 2, "shards": 2, "selection_split": None,
-                    "draft_lengths": {"hf-assisted": [2], "token": [2], "feature": [2], "prefill": [2]}},
+                    "draft_lengths": {"hf-assisted": [2], "token": [2], "feature": [2], "prefill": [2]},
+                    "edge_cloud": {"rtt_ms": [5], "max_clips": 2}},
 }
-SPECULATE_RULES = {"speculate", "speculate_window"}  # the event-window sweep runs speculate on other windows
+NO_LINK = {**TINY_CONFIG["speculative"], "edge_cloud": {"rtt_ms": []}}  # for the runs that test other things
+# the event-window sweep and the edge-cloud links run speculate on other windows and over links
+SPECULATE_RULES = {"speculate", "speculate_window", "speculate_link"}
 DOWNSTREAM_OF_DATA = {"train_toy", "extract_target_features", "extract_draft_features", "train_adapter",
                       "spec_summary", "bench_stages", "report"} | SPECULATE_RULES
 
@@ -111,6 +114,7 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
         assert "synthesize_world" in result.stdout and "build_tensors" in result.stdout
         assert "rule speculate_selection:" in result.stdout  # each method's k is chosen on the val split
         assert "rule speculate_window:" in result.stdout and "rule speculate_tree:" in result.stdout  # the sweeps
+        assert "rule speculate_link:" in result.stdout
     else:  # valid config; fails only because the example's DSEC files are not on this machine
         output = result.stdout + result.stderr
         assert "MissingInputException" in output and "zurich_city_00_a/events/left/events.h5" in output
@@ -132,6 +136,9 @@ def test_shipped_configs_validate_and_plan(tmp_path, config_file):
          r"windows.event_window_sweep_ms \(\[25, 50\]\) must hold lengths other than windows.event_window_ms \(50\)"),
         ({"windows": {"event_window_sweep_ms": [25]}, "speculative": {**TINY_CONFIG["speculative"], "window_sweep_methods": ["cascade"]}},
          r"sweeps none of speculative.methods"),
+        ({"speculative": {**TINY_CONFIG["speculative"], "edge_cloud": {"rtt_ms": [5], "methods": ["feature"]},
+                          "methods": ["target", "token"]}},
+         r"speculative.edge_cloud.rtt_ms \(\[5\]\) runs none of speculative.methods"),
         ({"speculative": {**TINY_CONFIG["speculative"], "tree_sweep": [[4, 16]]}},
          r"speculative.tree_sweep \(\[\[4, 16\]\]\) must hold shapes other than \[tree_top_k, tree_nodes\] \(\[4, 16\]\)"),
         ({"speculative": {**TINY_CONFIG["speculative"], "selection_split": "val"}},
@@ -178,6 +185,9 @@ def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
     sweep = {(e["method"], e["window_ms"]) for e in summary["event_window_sweep"]}  # the swept and the own window
     assert sweep == {("token", 25), ("token", 50), ("feature", 25), ("feature", 50)}
     assert "| token | 2 | 25 |" in (tmp_path / "reports/tiny/index.md").read_text()
+    links = {(e["method"], e["rtt_ms"]) for e in summary["link_sweep"]}  # over the link and on one machine
+    assert links == {("token", 5), ("token", 0), ("feature", 5), ("feature", 0)}
+    assert "break-even round trip" in (tmp_path / "reports/tiny/index.md").read_text()
     stages = pd.read_parquet(tmp_path / "results/tiny/bench/stages.parquet")
     adapter = json.loads((tmp_path / "results/tiny/adapter/metrics.json").read_text())
     timed_head = stages.loc[stages["stage"] == "draft_head_token", "head_parameters"].iloc[0]
@@ -223,7 +233,7 @@ def test_the_whole_dag_samples_on_checkpoints_in_the_real_layouts(tmp_path):
 
     paths = write_real_pair(tmp_path / "checkpoints", tower_inside=False)
     config = {**TINY_CONFIG, "models": {"source": "checkpoints", "draft": str(paths["draft"]), "target": str(paths["target"])},
-              "speculative": {**TINY_CONFIG["speculative"], "temperature": 0.8, "top_p": 0.9, "lossless_clips": 1,
+              "speculative": {**NO_LINK, "temperature": 0.8, "top_p": 0.9, "lossless_clips": 1,
                               "lossless_draws": 40, "lossless_tokens": 2}}  # fmt: skip
     snakemake(tmp_path, config=config)
     summary = json.loads((tmp_path / "results/tiny/spec/summary.json").read_text())
@@ -241,8 +251,9 @@ def test_two_runs_from_clean_give_identical_results(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    snakemake(first, config=TINY_CONFIG)
-    snakemake(second, config=TINY_CONFIG)
+    config = {**TINY_CONFIG, "speculative": NO_LINK}
+    snakemake(first, config=config)
+    snakemake(second, config=config)
     assert deterministic_digests(first / "results/tiny") == deterministic_digests(second / "results/tiny")
 
 

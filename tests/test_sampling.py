@@ -36,7 +36,9 @@ from evspec.models.configs import small_text_config
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import CascadeDrafter, HybridDrafter, PrefetchedDrafter, TokenDrafter, TokenTreeDrafter
+from evspec.speculative.drafters import (CascadeDrafter, EdgeTokenDrafter, HybridDrafter, PrefetchedDrafter, TokenDrafter,
+                                         TokenTreeDrafter)
+from evspec.speculative.link import Link
 from evspec.engine.llama import LlamaEngine
 from evspec.speculative.sampling import Sampler, SamplingSpec
 
@@ -104,6 +106,8 @@ def _drafter(kind: str, pair: Pair, draft, draft_prefill, target_engine, k: int,
         return TokenDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler)
     if kind == "cascade":
         return CascadeDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler)
+    if kind == "edge":  # over a link with no delay: the drafts made ahead while a verify is away are what differs
+        return EdgeTokenDrafter(draft, pair.vocabulary, TARGET_VOCAB, sampler, Link(0.0, 1e6), ahead=True)
     if kind == "prefetched":
         return PrefetchedDrafter.draft_ahead(draft, draft_prefill.logits, k, pair.vocabulary, TARGET_VOCAB, sampler)
     torch.manual_seed(3)
@@ -126,7 +130,7 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
     target_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed))
     draft_sampler = Sampler(spec, torch.Generator(device).manual_seed(seed + 1))
     target, target_prefill, draft, draft_prefill = pair.engines()
-    answers, cycles, full, ids_not_shared, prefetched, guesses_kept, guesses_rejected = [], 0, 0, 0, 0, 0, 0
+    answers, cycles, full, ids_not_shared, prefetched, guesses_kept, guesses_rejected, ahead = [], 0, 0, 0, 0, 0, 0, 0
     for _ in range(draws):
         target.rewind(PROMPT_LENGTH)
         draft.rewind(PROMPT_LENGTH)
@@ -141,6 +145,7 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
         assert len(result.output_ids) == n_tokens
         answers.append(result.output_ids)
         prefetched += kind == "prefetched" and int(drafter.guesses[0]) == result.output_ids[0]
+        ahead += drafter.counts["ahead_hits"] if kind == "edge" else 0
         if kind == "cascade":
             guesses_kept += drafter.counts["lookup_accepted"]
             guesses_rejected += drafter.counts["lookup_drafted"] - drafter.counts["lookup_accepted"]
@@ -150,7 +155,7 @@ def _draw(kind: str, k: int, spec: SamplingSpec, n_tokens: int, draws: int, seed
     answers = torch.tensor(answers)
     paths = {"bonus": full, "residual": cycles - full, "ids the draft cannot propose": ids_not_shared,
              "drafts made ahead": prefetched, "lookup guesses kept": guesses_kept,
-             "lookup guesses rejected": guesses_rejected}  # fmt: skip
+             "lookup guesses rejected": guesses_rejected, "drafts made ahead of a verify": ahead}  # fmt: skip
     return answers, pair.reference_probabilities(answers, spec), paths, pair
 
 
@@ -197,6 +202,7 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
     ("head-draft-vocab", 2, SamplingSpec(2.0, top_k=6)),
     ("prefetched", 4, SamplingSpec(0.8, top_p=0.8)),
     ("cascade", 4, SamplingSpec(1.1, top_k=5)),
+    ("edge", 2, SamplingSpec(0.7, top_k=8)),
 ]
 
 
@@ -204,7 +210,8 @@ CASES = [  # (drafter, k, spec): k up to 4, temperatures other than 1, top-k and
 def test_speculative_sampling_follows_the_target_law_at_every_position(kind, k, spec, monkeypatch, device="cpu"):
     n_tokens = 2 * k + 3  # several cycles: every draft position and the bonus reach the output
     answers, reference, paths, pair = _draw(kind, k, spec, n_tokens, draws=400, device=device)
-    own_paths = {"drafts made ahead": "prefetched", "lookup guesses kept": "cascade", "lookup guesses rejected": "cascade"}
+    own_paths = {"drafts made ahead": "prefetched", "lookup guesses kept": "cascade", "lookup guesses rejected": "cascade",
+                 "drafts made ahead of a verify": "edge"}  # fmt: skip
     for path, count in paths.items():  # each path ran often enough to matter: the bonus after k acceptances,
         if own_paths.get(path, kind) == kind:  # the residual after a rejection, target-only ids, the drafter's own
             assert count >= 30, f"{path}: {count} times"
@@ -277,12 +284,16 @@ def _proposals(kind: str, spec: SamplingSpec, k: int, draws: int):
         first = int(drafter.guesses[0]) if kind == "prefetched" else 3  # prefetched: its drafts made ahead are used
         drafter.start(first, target_prefill.hidden[0, -1])
         proposed, probabilities = drafter.propose(k)
+        if kind == "edge":  # every draft kept and the target's token its guess: the drafts made ahead are proposed
+            drafter.commit([*proposed.tolist(), int(drafter.drafted_ahead[0])], target_prefill.hidden[0, -1:])
+            proposed, probabilities = drafter.propose(k)
+            assert drafter.counts["ahead_hits"] == 1
         ids.append(proposed)
         q.append(probabilities)
     return torch.stack(ids), torch.stack(q)
 
 
-@pytest.mark.parametrize("kind", ["token", "head", "head-draft-vocab", "prefetched"])
+@pytest.mark.parametrize("kind", ["token", "head", "head-draft-vocab", "prefetched", "edge"])
 @pytest.mark.parametrize("spec", [SamplingSpec(0.5), SamplingSpec(1.5, top_p=0.8)], ids=["t0.5", "t1.5-p0.8"])
 def test_each_drafter_returns_the_distribution_its_drafts_were_drawn_from(kind, spec):
     """The acceptance rule is only as right as q: at every draft position the drafted ids must follow the q

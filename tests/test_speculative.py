@@ -17,8 +17,9 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.speculative.decode import decode_speculative, decode_speculative_tree, decode_target
 from evspec.engine.head import HeadEngine
-from evspec.speculative.drafters import (CascadeDrafter, HeadTreeDrafter, HybridDrafter, TokenDrafter, TokenTreeDrafter,
-                                         lookup_continuation)
+from evspec.speculative.drafters import (CascadeDrafter, EdgeTokenDrafter, HeadTreeDrafter, HybridDrafter, TokenDrafter,
+                                         TokenTreeDrafter, lookup_continuation)
+from evspec.speculative.link import Link
 from evspec.speculative.sampling import Sampler
 
 EOS = 2
@@ -407,6 +408,108 @@ def test_stage_timing_times_every_stage_and_tree_verifies_on_the_cpu(tiny_pair_d
     assert (frame["ms_median"] > 0).all()
 
 
+class _CheckedEdge(EdgeTokenDrafter):
+    """Checks at every proposal that the chain sent up is the drafting engine's own greedy chain after the committed
+    answer, drafted afresh (`fresh_chain`), whether it was drafted in the cycle or ahead of it; and after every
+    cycle that its cache holds the committed answer (but the pending tokens) and, after drafts made ahead are
+    taken, the drafts after it, with the rewind point at the committed answer's end."""
+
+    def __init__(self, fresh_chain, *args) -> None:
+        super().__init__(*args)
+        self.fresh_chain, self.checked, self.prompt_length = fresh_chain, 0, self.draft.length
+
+    def start(self, first_token: int, first_hidden: torch.Tensor) -> None:
+        super().start(first_token, first_hidden)
+        self.committed = [first_token]
+
+    def propose(self, k: int):
+        ids, probs = super().propose(k)
+        assert ids.tolist() == self.fresh_chain(self.committed, k), (self.committed, self.counts)
+        self.checked += 1
+        return ids, probs
+
+    def keep(self, matched: int, tokens: list[int]) -> None:
+        super().keep(matched, tokens)
+        self.committed += tokens
+        committed_length = self.prompt_length + len(self.committed)
+        if self.next_proposal is None:
+            assert self.draft.length + len(self.pending) == committed_length
+        else:  # it holds the drafts made ahead but the last
+            assert self.base == committed_length and self.draft.length == committed_length + len(self.proposed) - 1
+
+
+def _noisy_copy(target: VideoLlavaStages, noise: float, seed: int) -> VideoLlavaStages:
+    """The target with its language model's weights perturbed: a drafter that agrees with it often, not always."""
+    torch.manual_seed(seed)
+    copied = copy.deepcopy(target)
+    with torch.no_grad():
+        for parameter in copied.language_model.parameters():
+            parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
+    return copied
+
+
+def _fresh_target_chain(target, prompt: list[int], vocab: int, seed: int, committed: list[int], k: int) -> list[int]:
+    """The (copied) target's greedy chain of k over the shared ids (< vocab) after the prompt and `committed` (as a
+    drafter reads it: ids it does not share are <unk>), from a fresh prefill."""
+    fresh, out, _, _ = _prefilled(target, 8, prompt + shared(vocab + 2, vocab).readable(committed), 400, seed)
+    chain = []
+    for _ in range(k):
+        chain.append(int(out.logits[0, -1, :vocab].argmax()))
+        out = fresh.step(torch.tensor([[chain[-1]]]))
+    return chain
+
+
+def test_over_a_link_eventgpt_drafts_ahead_its_own_chain_and_the_answer_is_the_targets():
+    """`token` over an edge-cloud link: at every proposal the drafts sent up are the drafting engine's greedy chain
+    from a fresh prefill (drafted in the cycle, or ahead while the last verify was away), the answer is the
+    target's, and one round trip per cycle crosses the link. EventGPT rarely gets a whole cycle right, so its
+    drafts made ahead are mostly rewound; a perturbed copy of the target as the drafter often does, so both the
+    drafts made ahead and the rewinds after them ran, and a whole cycle kept with another token than the guess."""
+    vocab, link = 60, Link(rtt_ms=0.0, bandwidth_mbit_s=1e6)
+    hits = misses = 0
+    for seed in range(3):
+        target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
+        copied = _noisy_copy(target, 0.3, seed)
+        drafters = {"eventgpt": (draft, 5, functools.partial(_fresh_chain, draft, prompt, vocab, seed), vocab),
+                    "target copy": (copied, 8, functools.partial(_fresh_target_chain, copied, prompt, vocab, seed),
+                                    vocab + 2)}  # fmt: skip
+        for name, (stages, n_images, fresh_chain, rows) in drafters.items():
+            for k in (1, 3):
+                engine.rewind(ids.shape[1])
+                link.reset()
+                edge = _CheckedEdge(fresh_chain, _prefilled(stages, n_images, prompt, 400, seed)[0], shared(rows, vocab),
+                                    vocab + 2, Sampler(), link, True)  # fmt: skip
+                result = decode_speculative(engine, prefill, edge, k, 24, EOS, Sampler())
+                assert result.output_ids == reference, (seed, name, k)
+                cycles = result.target_forwards
+                assert edge.checked == cycles and edge.counts["ahead_cycles"] == cycles
+                assert link.counts["link_messages_up"] == link.counts["link_messages_down"] == cycles
+                assert link.counts["link_bytes_up"] == 4 * k * cycles
+                hits += edge.counts["ahead_hits"]
+                misses += edge.counts["ahead_cycles"] - edge.counts["ahead_hits"]
+    assert hits >= 10 and misses >= 10, (hits, misses)
+
+
+def test_a_links_delays_are_waited_for_and_what_crosses_it_is_counted():
+    """A message of n bytes takes rtt / 2 + 8 n / bandwidth; waiting for it blocks until then, and a message whose
+    time has passed (work done meanwhile hides it) costs nothing more."""
+    import time
+
+    link = Link(rtt_ms=20.0, bandwidth_mbit_s=8.0)  # 8 Mbit/s: 1000 bytes take 1 ms
+    assert link.one_way_ms(1000) == pytest.approx(11.0)
+    started = time.perf_counter()
+    link.wait_until(link.send(1000, up=True))
+    assert 11.0 <= (time.perf_counter() - started) * 1e3 < 16.0
+    arrival = link.send(4, up=False)
+    time.sleep(0.02)  # the edge worked longer than the trip
+    started = time.perf_counter()
+    link.wait_until(arrival)
+    assert (time.perf_counter() - started) * 1e3 < 1.0
+    assert link.counts == {"link_messages_up": 1, "link_bytes_up": 1000, "link_messages_down": 1, "link_bytes_down": 4}
+    with pytest.raises(ValueError, match="bandwidth_mbit_s > 0"):
+        Link(rtt_ms=1.0, bandwidth_mbit_s=0.0)
+
+
 def test_a_swept_event_window_feeds_its_own_images_and_is_summarised_beside_the_drafts_own(tiny_pair_dir, tiny_data,
                                                                                           tmp_path, monkeypatch):  # fmt: skip
     """speculate on a swept window reads that window's images (event_images_25ms) for EventGPT and stays lossless;
@@ -473,3 +576,49 @@ def test_a_swept_tree_shape_runs_the_tree_methods_there_and_is_summarised_beside
     own = next(e for e in summary["methods"] if e["method"] == "token-tree")
     assert rows[(1, 2, True)]["drafted"] == own["drafted"] and rows[(3, 6, False)]["exact_match_rate"] == 1.0
     assert rows[(3, 6, False)]["drafted"] > rows[(1, 2, True)]["drafted"]  # a chain of 2 against trees of 6
+
+
+def test_over_edge_cloud_links_the_methods_stay_lossless_wait_their_round_trips_and_get_a_break_even(
+        tiny_pair_dir, tiny_data, tmp_path):  # fmt: skip
+    """speculate over a link: `token` waits a round trip per cycle and `feature` sends its event tokens up once (their
+    bytes counted), every answer still the target's; spec-summary sets each round trip's speedup beside the main run
+    (round trip 0) and finds where it falls to 1; methods a link does not carry are refused."""
+    from evspec.adapter.modules import DraftHead, HeadConfig
+    from evspec.models.toy import load_pair
+    from evspec.speculative.run import SpecSettings, speculate
+    from evspec.speculative.summary import break_even, summarize
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer")  # fmt: skip
+    torch.manual_seed(0)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    settings = dict(max_new_tokens=6, max_clips=2, split="train", methods=("target", "token", "feature"),
+                    draft_lengths={"token": [2], "feature": [2]})  # fmt: skip
+    speculate(pair, head, tiny_data, SpecSettings(**settings), 0, 1, tmp_path / "own")
+    rtt_ms = 40
+    frames = speculate(pair, head, tiny_data, SpecSettings(**settings, link_rtt_ms=rtt_ms), 0, 1, tmp_path / "link")
+    token, feature, target = frames["token"], frames["feature"], frames["target"]
+    for rows in (token, feature):
+        assert rows["exact_match"].all() and (rows["link_rtt_ms"] == rtt_ms).all()
+    cycles = token["target_forwards"] - 1
+    assert (token["link_messages_up"] == cycles).all() and (token["link_messages_down"] == cycles + 1).all()
+    assert (token["total_ms"] >= (cycles + 0.5) * rtt_ms).all()  # the first token down, then a round trip a cycle
+    assert (target["total_ms"] >= rtt_ms / 2).all() and (target["link_messages_down"] == target["new_tokens"]).all()
+    hidden = pair.draft.config.hidden_size  # once, EventGPT's event tokens in float32
+    assert (feature["link_messages_up"] == 1).all() and (feature["link_bytes_up"] % (hidden * 4) == 0).all()
+    assert (feature["total_ms"] >= rtt_ms).all()  # the event tokens up, the answer down
+    summary = summarize(tmp_path / "own", tmp_path / "summary.json", tiny_data / "manifest.parquet",
+                        link_dirs={rtt_ms: tmp_path / "link"})  # fmt: skip
+    rows = {(e["method"], e["rtt_ms"]): e for e in summary["link_sweep"]}
+    assert set(rows) == {("token", 0), ("token", rtt_ms), ("feature", 0), ("feature", rtt_ms)}
+    assert rows[("token", 0)]["own"] and rows[("token", 0)]["link"] is None
+    assert rows[("token", rtt_ms)]["link"]["link_bytes_up"] == float(token["link_bytes_up"].median())
+    assert rows[("token", rtt_ms)]["exact_match_rate"] == 1.0
+    assert {(e["method"], e["k"]) for e in summary["link_break_even"]} == {("token", 2), ("feature", 2)}
+    sweep = [{"method": "token", "k": 4, "rtt_ms": rtt, "own": False, "speedup_median": speedup}
+             for rtt, speedup in ((1, 1.4), (10, 1.2), (50, 0.8))]  # fmt: skip
+    assert break_even(sweep)[0]["break_even_rtt_ms"] == pytest.approx(30.0)
+    assert break_even(sweep[:2])[0] | {"swept_rtt_ms": None} == {
+        "method": "token", "k": 4, "break_even_rtt_ms": None, "swept_rtt_ms": None, "faster_at_rtt_ms": [1, 10]}
+    with pytest.raises(ValueError, match=r"over an edge-cloud link only .* not \['cascade'\]"):
+        SpecSettings(**{**settings, "methods": ("target", "cascade"), "draft_lengths": {"cascade": [2]}}, link_rtt_ms=5)

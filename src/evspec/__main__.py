@@ -90,8 +90,9 @@ def _spec_summary(args: argparse.Namespace) -> None:
     windows = {int(ms[0]): directory for ms, directory in _labelled_dirs(args.window_dir, "--window-dir", 1).items()}
     trees = _labelled_dirs(args.tree_dir, "--tree-dir", 2)
     shape = tuple(int(n) for n in args.tree_shape.split("x")) if args.tree_shape else None
+    links = {int(rtt[0]): directory for rtt, directory in _labelled_dirs(args.link_dir, "--link-dir", 1).items()}
     summarize(args.spec_dir, args.out, args.manifest, args.clips, args.selection_dir, args.selection_split, windows,
-              trees, shape)  # fmt: skip
+              trees, shape, links)  # fmt: skip
 
 
 def _labelled_dirs(items: list[str], option: str, n_numbers: int) -> dict[tuple[int, ...], Path]:
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--tree-dir", action="append", default=[],
                          help="TOPKxNODES=DIRECTORY: speculate's output on a swept tree shape (repeatable)")
     summary.add_argument("--tree-shape", help="TOPKxNODES: the main run's tree shape (speculative.tree_top_k, tree_nodes)")
+    summary.add_argument("--link-dir", action="append", default=[],
+                         help="RTT=DIRECTORY: speculate's output over an edge-cloud link of RTT ms round trip (repeatable)")
     summary.set_defaults(handler=_spec_summary)
 
     bench = commands.add_parser("bench-stages", help="time vision / projector / prefill / decode of both models")

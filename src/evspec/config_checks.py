@@ -33,6 +33,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     if sweep and not swept_methods:
         problems.append(f"windows.event_window_sweep_ms ({sweep}) sweeps none of speculative.methods: "
                         f"speculative.window_sweep_methods must name one of them")  # fmt: skip
+    edge = speculative.get("edge_cloud", {})
+    if edge.get("rtt_ms") and not set(edge.get("methods", ["token", "feature"])) & set(speculative["methods"]):
+        problems.append(f"speculative.edge_cloud.rtt_ms ({edge['rtt_ms']}) runs none of speculative.methods: "
+                        f"speculative.edge_cloud.methods must name one of them")  # fmt: skip
+    if len(set(edge.get("rtt_ms", []))) < len(edge.get("rtt_ms", [])):
+        problems.append(f"speculative.edge_cloud.rtt_ms ({edge['rtt_ms']}) must hold each round trip once")
     shapes = [tuple(shape) for shape in speculative.get("tree_sweep", [])]
     own_shape = (speculative["tree_top_k"], speculative["tree_nodes"])
     if own_shape in shapes or len(set(shapes)) < len(shapes):

@@ -86,6 +86,7 @@ wildcard_constraints:
     window_ms=r"\d+",
     tree_top_k=r"\d+",
     tree_nodes=r"\d+",
+    rtt_ms=r"\d+",
 
 
 # the event-window sweep: these methods, with the target, on each other length of the draft's window
@@ -94,12 +95,16 @@ WINDOW_METHODS = ["target"] + [m for m in SPEC_CONFIG["window_sweep_methods"] if
 # the tree-shape sweep: the tree methods, with the target, at each other (top-k, nodes); k stays their depths
 TREE_SWEEP = [tuple(shape) for shape in SPEC_CONFIG["tree_sweep"]]
 TREE_METHODS = ["target"] + [m for m in ("token-tree", "feature-tree") if m in SPEC_CONFIG["methods"]]
+# edge-cloud drafting: these methods, with the target, over a link of each round trip
+EDGE = SPEC_CONFIG["edge_cloud"]
+LINK_SWEEP = EDGE["rtt_ms"]
+LINK_METHODS = ["target"] + [m for m in EDGE["methods"] if m in SPEC_CONFIG["methods"]]
 
 
 def speculate_settings(split: str, methods: list[str], **overrides) -> str:
     """The speculate command's settings: the config's, on `split` with `methods`, and the models' runtime."""
     settings = {key: value for key, value in SPEC_CONFIG.items()
-                if key not in ("shards", "selection_split", "window_sweep_methods", "tree_sweep")}
+                if key not in ("shards", "selection_split", "window_sweep_methods", "tree_sweep", "edge_cloud")}
     return as_json(settings | {"split": split, "methods": methods} | overrides | MODEL_RUNTIME)
 
 

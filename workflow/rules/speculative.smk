@@ -91,6 +91,28 @@ use rule speculate as speculate_tree with:
         f"{RESULTS}/benchmarks/speculate_tree/{{tree_top_k}}x{{tree_nodes}}/shard-{{shard}}.tsv"
 
 
+use rule speculate as speculate_link with:
+    output:
+        shards=expand(f"{SPEC}/link-{{{{rtt_ms}}}}ms/{{method}}/shard-{{{{shard}}}}.parquet", method=LINK_METHODS),
+    params:
+        paths=model_paths(),
+        data_dir=parent("manifest"),
+        out_dir=parent("shards", 2),
+        n_shards=SPEC_CONFIG["shards"],
+        settings=lambda wildcards: speculate_settings(
+            SPEC_CONFIG["split"], LINK_METHODS, lossless_draws=0, link_rtt_ms=int(wildcards.rtt_ms),
+            link_bandwidth_mbit_s=EDGE["bandwidth_mbit_s"], draft_ahead=EDGE["draft_ahead"],
+            max_clips=EDGE["max_clips"] or SPEC_CONFIG["max_clips"],
+            draft_device=EDGE["draft_device"] or SPEC_CONFIG["draft_device"]),
+        code=command_code("speculate"),
+    resources:
+        gpu=(2 if EDGE["draft_device"] or SPEC_CONFIG["draft_device"] else 1) if MODELS["device"] == "cuda" else 0,
+    log:
+        f"{LOGS}/speculate_link/{{rtt_ms}}ms/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speculate_link/{{rtt_ms}}ms/shard-{{shard}}.tsv"
+
+
 rule spec_summary:
     conda:
         ENV
@@ -103,6 +125,8 @@ rule spec_summary:
                        method=WINDOW_METHODS, shard=SPEC_SHARDS),
         trees=[f"{SPEC}/tree-{top_k}x{nodes}/{method}/shard-{shard}.parquet" for top_k, nodes in TREE_SWEEP
                for method in TREE_METHODS for shard in SPEC_SHARDS],
+        links=expand(f"{SPEC}/link-{{rtt_ms}}ms/{{method}}/shard-{{shard}}.parquet", rtt_ms=LINK_SWEEP,
+                     method=LINK_METHODS, shard=SPEC_SHARDS),
     output:
         summary=f"{SPEC}/summary.json",
         clips=f"{SPEC}/clips.parquet",
@@ -114,6 +138,8 @@ rule spec_summary:
         trees=lambda wildcards, input: " ".join(
             [f"--tree-shape {SPEC_CONFIG['tree_top_k']}x{SPEC_CONFIG['tree_nodes']}"] * bool(TREE_SWEEP)
             + [f"--tree-dir {t}x{n}={Path(input.trees[0]).parents[2]}/tree-{t}x{n}" for t, n in TREE_SWEEP]),
+        links=lambda wildcards, input: " ".join(f"--link-dir {rtt}={Path(input.links[0]).parents[2]}/link-{rtt}ms"
+                                                for rtt in LINK_SWEEP),
         code=command_code("spec-summary"),
     log:
         f"{LOGS}/spec_summary.log",
@@ -121,4 +147,4 @@ rule spec_summary:
         f"{RESULTS}/benchmarks/spec_summary.tsv",
     shell:
         "python -m evspec spec-summary --spec-dir {params.spec_dir} --manifest {input.manifest} --out {output.summary}"
-        " --clips {output.clips} {params.selection} {params.windows} {params.trees} 2> {log}"
+        " --clips {output.clips} {params.selection} {params.windows} {params.trees} {params.links} 2> {log}"

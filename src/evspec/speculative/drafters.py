@@ -1,5 +1,6 @@
 """EventGPT as a drafter (`token`, `prefill`, trees); the draft head's drafter is its engine (`evspec.engine.head`);
-both at once (`hybrid`); EventGPT drafting faster behind prompt lookup (`cascade`).
+both at once (`hybrid`); EventGPT drafting faster behind prompt lookup (`cascade`); EventGPT on an edge device
+across a link from the target (`EdgeTokenDrafter`).
 
 Each holds its own `Sampler` (the run's sampling spec, a random stream on its device) and
 returns, when sampling, the distribution q each draft was drawn from, over the target's
@@ -15,7 +16,8 @@ from evspec.models.tokenizer import SharedVocabulary
 from evspec.engine.kernels import host_to_device
 from evspec.engine.head import HeadEngine
 from evspec.engine.llama import LlamaEngine
-from evspec.speculative.names import CASCADE_COUNTS
+from evspec.speculative.link import TOKEN_BYTES, Link, tensor_bytes
+from evspec.speculative.names import AHEAD_COUNTS, CASCADE_COUNTS
 from evspec.speculative.sampling import Sampler
 from evspec.speculative.trees import best_nodes, expand_level
 
@@ -124,6 +126,63 @@ class CascadeDrafter(TokenDrafter):
     def keep(self, matched: int, tokens: list[int]) -> None:
         super().keep(matched, tokens)
         self.history += tokens
+
+
+class EdgeTokenDrafter(TokenDrafter):
+    """`token` over an edge-cloud link (`evspec.speculative.link`): EventGPT on the edge, the target in the cloud.
+    Each cycle the drafts go up (ids, and the laws q when sampling) and the kept tokens come down.
+
+    With `ahead`, EventGPT drafts on while they are away: it reads its last draft, takes its own next token g0
+    as its guess of the target's, and drafts g1..gk after g0. When the target keeps all k drafts and its own
+    token is g0, then g1..gk (with their q) are exactly what this drafter would propose next, since EventGPT's
+    draws do not depend on the target's (as `PrefetchedDrafter`'s), so they go up at once; otherwise the cache
+    is rewound past them. The drafts cross as host copies, so the target's verify never waits for the drafting
+    queued behind them on the edge's device.
+    """
+
+    def __init__(self, draft: LlamaEngine, vocabulary: SharedVocabulary, target_vocab: int, sampler: Sampler,
+                 link: Link, ahead: bool) -> None:  # fmt: skip
+        super().__init__(draft, vocabulary, target_vocab, sampler)
+        self.link, self.ahead = link, ahead
+        self.counts = dict.fromkeys(AHEAD_COUNTS, 0)
+        self.drafted_ahead: tuple | None = None  # (g0, g1..gk, their q, the cache length after g0)
+        self.next_proposal: tuple | None = None  # the drafts of the coming cycle, when they were drafted ahead
+
+    def propose(self, k: int):
+        if self.next_proposal is not None:
+            ids, probs = self.next_proposal
+            self.next_proposal = None
+            self.counts["ahead_hits"] += 1
+        else:
+            ids, probs = super().propose(k)
+        arrival = self.link.send(len(ids) * TOKEN_BYTES + tensor_bytes(probs), up=True, ready=ids)
+        sent = ids.cpu(), None if probs is None else probs.cpu()  # what the cloud receives
+        if self.ahead:
+            self._draft_ahead(ids, k)  # queued behind the send: the edge works while the drafts are away
+        self.link.wait_until(arrival)
+        return sent
+
+    def _draft_ahead(self, ids: torch.Tensor, k: int) -> None:
+        """Read dk, draw g0, read g0, draw g1..gk (k + 1 steps, no host read); the cache then holds dk..g(k-1)."""
+        out = self.draft.step(ids[-1].view(1, 1))
+        guess, _ = self.sampler.propose(out.logits[0, -1], self.allowed, self.target_vocab)
+        token, ahead_ids, ahead_probs = guess, [], []
+        for _ in range(k):
+            out = self.draft.step(token.view(1, 1))
+            token, q = self.sampler.propose(out.logits[0, -1], self.allowed, self.target_vocab)
+            ahead_ids.append(token)
+            ahead_probs.append(q)
+        self.drafted_ahead = (guess, *_stacked(ahead_ids, ahead_probs), self.draft.length - k + 1)
+        self.counts["ahead_cycles"] += 1
+
+    def keep(self, matched: int, tokens: list[int]) -> None:
+        self.link.wait_until(self.link.send(len(tokens) * TOKEN_BYTES, up=False))  # the kept tokens come down
+        ahead, self.drafted_ahead = self.drafted_ahead, None
+        if ahead is not None and matched == len(self.proposed) and tokens[-1] == int(ahead[0]):
+            _, ids, probs, self.base = ahead  # as if it had read [dk, g0] and proposed g1..gk now
+            self.proposed, self.pending, self.next_proposal = list(ids), [], (ids, probs)
+        else:
+            super().keep(matched, tokens)
 
 
 class TokenTreeDrafter:

@@ -22,6 +22,10 @@ the clock starts), each method answers from scratch:
                   speculative method; its answers are compared with the 8-frame target's (agreement, not
                   losslessness), to say what the frames cost and buy
 
+With an edge-cloud link (`link_rtt_ms`), `target`, `token` and `feature` run with the draft on the edge and
+the target in the cloud, the link's delays injected (`evspec.speculative.link` says what crosses it); their
+times then count until the edge holds the whole answer (`ttft_ms` stays the cloud's first token).
+
 `prefill` overlaps for real: on one GPU the draft's work runs on a side stream that waits
 only for an event recorded once the clip's inputs are on the device (not for the target's
 vision), and nothing on its path reads the device from the host (the towers replay CUDA
@@ -52,10 +56,11 @@ from evspec.models.stages import EventGPTStages, VideoLlavaStages
 from evspec.models.tokenizer import SharedVocabulary
 from evspec.models.toy import ModelPair
 from evspec.speculative.decode import Decoded, decode_speculative, decode_speculative_tree, decode_target
-from evspec.speculative.drafters import (CascadeDrafter, HeadTreeDrafter, HybridDrafter, PrefetchedDrafter,
-                                         TokenDrafter, TokenTreeDrafter)
+from evspec.speculative.drafters import (CascadeDrafter, EdgeTokenDrafter, HeadTreeDrafter, HybridDrafter,
+                                         PrefetchedDrafter, TokenDrafter, TokenTreeDrafter)
+from evspec.speculative.link import TOKEN_BYTES, Link, tensor_bytes
 from evspec.speculative.lossless import DRAFT_ALONE
-from evspec.speculative.names import DRAFTING, HEAD_METHODS, TREES
+from evspec.speculative.names import DRAFTING, EDGE_CLOUD, HEAD_METHODS, TREES
 from evspec.speculative.sampling import Sampler, SamplingSpec
 from evspec.timing import Stopwatch, median_ms
 
@@ -87,6 +92,9 @@ class SpecSettings:
     draft_pixel_dtype: str | None = None  # "bfloat16": EventGPT's pixels cast as the authors' code does
     draft_vision_tower: str | None = None  # EventGPT's CLIP folder when the checkpoint lacks the tower
     event_window_ms: int | None = None  # a swept event window (tensors.h5's event_images_{ms}ms); None: the draft's own
+    link_rtt_ms: float | None = None  # an edge-cloud link's round trip (`evspec.speculative.link`); None: one machine
+    link_bandwidth_mbit_s: float = 100.0  # the link's bandwidth, each way
+    draft_ahead: bool = True  # over a link: EventGPT drafts the next cycle while a verify is away
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -102,6 +110,11 @@ class SpecSettings:
                 raise ValueError(f"draft_lengths needs a list of k for {method!r}")
         if min(self.tree_top_k, self.tree_nodes) < 1:
             raise ValueError(f"tree_top_k ({self.tree_top_k}) and tree_nodes ({self.tree_nodes}) must be positive")
+        if self.link_rtt_ms is not None:
+            Link(self.link_rtt_ms, self.link_bandwidth_mbit_s)  # validates
+            if set(self.methods) - set(EDGE_CLOUD):
+                raise ValueError(f"over an edge-cloud link only {list(EDGE_CLOUD)} run, not "
+                                 f"{sorted(set(self.methods) - set(EDGE_CLOUD))}")  # fmt: skip
 
     @property
     def event_dataset(self) -> str:
@@ -173,6 +186,7 @@ class Engines:
         # one random stream per device that draws: the target's (acceptance, residual, bonus) and the draft's
         self.target_sampler = Sampler(settings.sampling, torch.Generator(self.device).manual_seed(settings.seed))
         self.draft_sampler = Sampler(settings.sampling, torch.Generator(self.draft_device).manual_seed(settings.seed + 1))
+        self.link = None if settings.link_rtt_ms is None else Link(settings.link_rtt_ms, settings.link_bandwidth_mbit_s)
         self.head_engine = None
         if head is not None:
             n_events = pair.draft.config.n_visual_tokens + pair.draft.config.n_event_images
@@ -181,8 +195,14 @@ class Engines:
                                           compile=settings.compile)  # fmt: skip
 
     def run(self, method: str, clip: Clip, k: int, max_new_tokens: int | None = None) -> Timed:
-        """`method` answering `clip` from scratch (vision, prefill, decode), with its phases timed."""
-        return METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
+        """`method` answering `clip` from scratch (vision, prefill, decode), with its phases timed; over a link,
+        with what crossed it in the drafter counts."""
+        if self.link is None:
+            return METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
+        self.link.reset()
+        timed = METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
+        timed.decoded.drafter_counts = {**(timed.decoded.drafter_counts or {}), **self.link.counts}
+        return timed
 
     # ---- the pieces methods are made of --------------------------------------------------------
     def target_prefill(self, clip: Clip, visual: torch.Tensor | None = None):
@@ -199,6 +219,26 @@ class Engines:
     def token_drafter(self, clip: Clip, visual: torch.Tensor | None = None) -> TokenDrafter:
         self.draft_prefill(clip, visual)
         return TokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler)
+
+    def edge_token_drafter(self, clip: Clip) -> EdgeTokenDrafter:
+        """EventGPT on the edge: it prefills while the first token comes down, then drafts across the link."""
+        first_token = self.link.send(TOKEN_BYTES, up=False)
+        self.draft_prefill(clip)
+        self.link.wait_until(first_token)
+        return EdgeTokenDrafter(self.draft_engine, self.vocabulary, self.target_vocab, self.draft_sampler, self.link,
+                                self.settings.draft_ahead)  # fmt: skip
+
+    def edge_head_drafter(self, clip: Clip) -> HeadEngine:
+        """The draft head in the cloud reading the event tokens the edge's tower and projector sent up."""
+        visual = self.draft.visual_tokens(clip.events)
+        self.link.wait_until(self.link.send(tensor_bytes(visual), up=True, ready=visual))
+        return self.head_drafter(clip, visual)
+
+    def stream_down(self, decoded: Decoded) -> None:
+        """Over a link, an answer the cloud streamed down token by token: the edge holds it when the last arrives."""
+        if self.link is not None:
+            arrivals = [self.link.send(TOKEN_BYTES, up=False) for _ in decoded.output_ids]
+            self.link.wait_until(arrivals[-1])
 
     def cascade_drafter(self, clip: Clip) -> CascadeDrafter:
         self.draft_prefill(clip)
@@ -300,6 +340,7 @@ def _target(engines: Engines, clip: Clip, k: int, max_new_tokens: int) -> Timed:
     ttft_ms = clock.ms()
     decoded = decode_target(engines.target_engine, prefill.logits, max_new_tokens, engines.eos, engines.target_sampler)
     decoded.target_forwards += 1  # the prefill gave the first token
+    engines.stream_down(decoded)
     return Timed(decoded, ttft_ms, 0.0, clock.ms())
 
 
@@ -326,6 +367,8 @@ def _with_drafter(make_drafter: Callable[[Engines, Clip, int], object]):
         drafter = make_drafter(engines, clip, k)
         setup_ms = clock.ms() - ttft_ms
         decoded = engines.speculative(prefill, drafter, k, max_new_tokens)
+        if not isinstance(drafter, EdgeTokenDrafter):  # which holds every kept token already
+            engines.stream_down(decoded)
         total_ms = clock.ms()
         if hasattr(drafter, "counts"):
             decoded.drafter_counts = dict(drafter.counts)
@@ -379,9 +422,11 @@ METHODS: dict[str, Callable[[Engines, Clip, int, int], Timed]] = {
     "target": _target,
     "hf-generate": lambda engines, clip, k, n: _hf(engines, clip, 0, n),
     "hf-assisted": _hf,
-    "token": _with_drafter(lambda engines, clip, k: engines.token_drafter(clip)),
+    "token": _with_drafter(lambda engines, clip, k: engines.edge_token_drafter(clip) if engines.link
+                           else engines.token_drafter(clip)),
     "token-tree": _with_drafter(Engines.token_tree_drafter),
-    "feature": _with_drafter(lambda engines, clip, k: engines.head_drafter(clip)),
+    "feature": _with_drafter(lambda engines, clip, k: engines.edge_head_drafter(clip) if engines.link
+                             else engines.head_drafter(clip)),
     "feature-tree": _with_drafter(Engines.head_tree_drafter),
     "hybrid": _with_drafter(Engines.hybrid_drafter),
     "cascade": _with_drafter(lambda engines, clip, k: engines.cascade_drafter(clip)),

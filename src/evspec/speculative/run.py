@@ -82,7 +82,7 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
             if row["status"] == "ok":
                 row["answer_text"] = pair.target_tokenizer.decode(row["output_ids"], skip_special_tokens=True)
     for method, k in variants if engines is not None else []:
-        if method in UNIT_COSTED:
+        if method in UNIT_COSTED and engines.link is None:  # over a link a cycle's cost is the link's as much
             costs = engines.unit_costs(method, loaded[-1], k)
             for row in rows[method]:
                 if row["k"] == k:
@@ -105,14 +105,16 @@ def speculate(pair: ModelPair, head: DraftHead | None, data_dir: Path, settings:
 COLUMNS = ["sample_id", "method", "k", "temperature", "top_k", "top_p", "output_ids", "new_tokens", "target_forwards",
            "drafted", "accepted", "drafted_per_position", "reached_per_position", "accepted_per_position", "ttft_ms",
            "draft_setup_ms", "decode_ms", "total_ms", "device", "dtype", "overlapped", "status", "exact_match",
-           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", *DRAFTER_COUNTS]  # fmt: skip
+           "draft_token_ms", "target_step_ms", "verify_ms", "answer_text", "link_rtt_ms", "link_bandwidth_mbit_s",
+           *DRAFTER_COUNTS]  # fmt: skip
 LOSSLESS_COLUMNS = ["sample_id", "method", "k", "draw", "output_ids"]
 
 
 def _run_one(engines: Engines, method: str, clip: Clip, k: int, settings: SpecSettings) -> dict:
     row = {"sample_id": clip.sample_id, "method": method, "k": k, "temperature": settings.temperature,
            "top_k": settings.top_k, "top_p": settings.top_p, "device": _device_name(engines.device), "dtype": settings.dtype,
-           "overlapped": method == "prefill" and engines.overlapped}  # fmt: skip
+           "overlapped": method == "prefill" and engines.overlapped, "link_rtt_ms": settings.link_rtt_ms,
+           "link_bandwidth_mbit_s": settings.link_bandwidth_mbit_s if settings.link_rtt_ms is not None else None}  # fmt: skip
     try:
         timed = engines.run(method, clip, k)
     except Exception as error:  # a method this pair cannot run is a result, recorded with its reason

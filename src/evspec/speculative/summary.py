@@ -17,9 +17,10 @@ conditional per-position acceptance, tokens per cycle, c, v and the cost model a
 - per question type (given the data stage's manifest): the same speedup, median and interval,
   over that type's clips, and the target's answer length there (answers of different types
   differ in length, and the length decides what drafting can save);
-- the sweeps (given speculate's runs on swept event windows or tree shapes): per value, method and k, the same
-  speedup (against the target in the same run), tau, alpha with its counts and losslessness, beside the
-  main run's numbers at its own value.
+- the sweeps (given speculate's runs on swept event windows, tree shapes or edge-cloud links): per value, method
+  and k, the same speedup (against the target in the same run), tau, alpha with its counts and losslessness,
+  beside the main run's numbers at its own value; over a link also what crossed it per answer, and per method
+  and k the break-even round trip: where its speedup over the target behind the same link falls to 1.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from evspec.atomic import atomic_output
 from evspec.errors import InputError
 from evspec.speculative.cost import conditional_acceptance, expected_tokens_per_cycle, predicted_decode_speedup
 from evspec.speculative.lossless import DRAFT_ALONE, lossless_test
-from evspec.speculative.names import CASCADE_COUNTS
+from evspec.speculative.names import AHEAD_COUNTS, CASCADE_COUNTS, LINK_COUNTS
 
 BOOTSTRAP_SAMPLES = 2000
 
@@ -49,12 +50,13 @@ def bootstrap_median_interval(values: np.ndarray, seed: int = 0) -> tuple[float,
 def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None, clips_path: Path | None = None,
               selection_dir: Path | None = None, selection_split: str = "val",
               window_dirs: dict[int, Path] | None = None, tree_dirs: dict[tuple[int, int], Path] | None = None,
-              tree_shape: tuple[int, int] | None = None) -> dict:  # fmt: skip
+              tree_shape: tuple[int, int] | None = None, link_dirs: dict[int, Path] | None = None) -> dict:  # fmt: skip
     """`manifest_path`: the data stage's manifest, whose question types split the speedups (optional);
     `clips_path`: where to write the per-clip table (`clip_table`); `selection_dir`: speculate's output on
     another split, where each method's k is chosen (`select_k`); `window_dirs`: speculate's output per swept
     event window (ms -> directory), `tree_dirs` per swept tree shape ((top-k, nodes) -> directory; the main
-    run's is `tree_shape`): `sweep`."""
+    run's is `tree_shape`), `link_dirs` per edge-cloud round trip (ms -> directory; the main run, on one machine,
+    stands at 0): `sweep`, `break_even`."""
     question_types = manifest = None
     if manifest_path is not None:
         manifest = pd.read_parquet(manifest_path, columns=["sample_id", "question_type", "question"])
@@ -116,6 +118,9 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
                                               summary["methods"])  # fmt: skip
     if tree_dirs:
         summary["tree_sweep"] = sweep(tree_dirs, ("tree_top_k", "tree_nodes"), tree_shape, summary["methods"])
+    if link_dirs:
+        summary["link_sweep"] = sweep({(rtt,): d for rtt, d in link_dirs.items()}, ("rtt_ms",), (0,), summary["methods"])
+        summary["link_break_even"] = break_even(summary["link_sweep"])
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if clips_path is not None:
@@ -173,7 +178,7 @@ def select_k(selection_dir: Path, split: str) -> dict:
 
 
 SWEEP_FIELDS = ("method", "k", "n_clips", "speedup_median", "speedup_ci95", "tau", "alpha", "accepted_drafts",
-                "drafted", "tokens_per_cycle", "exact_match_rate")  # fmt: skip
+                "drafted", "tokens_per_cycle", "exact_match_rate", "link")  # fmt: skip
 
 
 def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, own_entries: list[dict]) -> list[dict]:
@@ -198,11 +203,47 @@ def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, o
                      "exact_match_rate": _exact_match_rate(joined) if greedy else None}  # fmt: skip
             if group["drafted"].sum() > 0:
                 entry.update(_acceptance(group))
+            if LINK_COUNTS[0] in group and group[LINK_COUNTS[0]].notna().any():
+                entry["link"] = _link_traffic(group, target)
             entries.append({**dict(zip(labels, value)), "own": False, **{f: entry.get(f) for f in SWEEP_FIELDS}})
     swept = {(e["method"], e["k"]) for e in entries}
     entries += [{**dict(zip(labels, own or (None,) * len(labels))), "own": True, **{f: e.get(f) for f in SWEEP_FIELDS}}
                 for e in own_entries if (e["method"], e["k"]) in swept and e.get("status") == "ok"]  # fmt: skip
     return sorted(entries, key=lambda e: (e["method"], e["k"], *(e[label] or 0 for label in labels)))
+
+
+def _link_traffic(group: pd.DataFrame, target: pd.DataFrame) -> dict:
+    """Per answer over the link (medians): messages and bytes each way, and the target's bytes down; with drafting
+    ahead, the drafts made while a verify was away that the next cycle proposed (hits / cycles drafted ahead)."""
+    out = {column: float(group[column].median()) for column in LINK_COUNTS}
+    out.update(bandwidth_mbit_s=float(group["link_bandwidth_mbit_s"].iloc[0]),
+               target_bytes_down=float(target["link_bytes_down"].median()))
+    if AHEAD_COUNTS[0] in group and group[AHEAD_COUNTS[0]].notna().any():
+        totals = {column: int(group[column].sum()) for column in AHEAD_COUNTS}
+        out.update(totals, ahead_hit_rate=totals["ahead_hits"] / max(totals["ahead_cycles"], 1))
+    return out
+
+
+def break_even(link_sweep: list[dict]) -> list[dict]:
+    """Per method and k over the swept links (not the main run's one machine): the round trip (ms) at which the
+    median speedup over the target behind the same link falls to 1, interpolated linearly between the swept round
+    trips around the crossing; None where it never falls below 1 after being at or above it inside the sweep
+    (`faster_at_rtt_ms` lists the round trips where it is at least 1)."""
+    out = []
+    by_variant: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for entry in link_sweep:
+        if not entry["own"]:
+            by_variant.setdefault((entry["method"], entry["k"]), []).append((entry["rtt_ms"], entry["speedup_median"]))
+    for (method, k), points in sorted(by_variant.items()):
+        points.sort()
+        crossing = None
+        for (rtt_a, speedup_a), (rtt_b, speedup_b) in zip(points, points[1:]):
+            if speedup_a >= 1 > speedup_b:
+                crossing = rtt_a + (speedup_a - 1) * (rtt_b - rtt_a) / (speedup_a - speedup_b)
+                break
+        out.append({"method": method, "k": k, "break_even_rtt_ms": crossing, "swept_rtt_ms": [r for r, _ in points],
+                    "faster_at_rtt_ms": [r for r, speedup in points if speedup >= 1]})  # fmt: skip
+    return out
 
 
 def _event_window_ms(manifest_path: Path) -> int:
