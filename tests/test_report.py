@@ -56,8 +56,20 @@ def results(tmp_path):
                "event_window_sweep": [
                    {"window_ms": ms, "own": ms == 50, "method": "token", "k": 2, "n_clips": 4,
                     "speedup_median": speedup, "speedup_ci95": [speedup - 0.1, speedup + 0.1], "tau": 1.5, "alpha": 0.5,
-                    "accepted_drafts": 4, "drafted": 8, "tokens_per_cycle": 2.0, "exact_match_rate": 1.0}
+                    "accepted_drafts": 4, "drafted": 8, "tokens_per_cycle": 2.0, "exact_match_rate": 1.0,
+                    "by_question_type": {"describe": {"n_clips": 2, "speedup_median": 1.4, "speedup_ci95": [1.3, 1.5]}}}
                    for ms, speedup in ((10, 0.9), (50, 1.2))],
+               "link_sweep": [
+                   {"rtt_ms": rtt, "own": rtt == 0, "method": "token", "k": 2, "n_clips": 4, "speedup_median": speedup,
+                    "speedup_ci95": [speedup - 0.1, speedup + 0.1], "tau": 1.5, "alpha": 0.5, "accepted_drafts": 4,
+                    "drafted": 8, "tokens_per_cycle": 2.0, "exact_match_rate": 1.0,
+                    "link": None if rtt == 0 else {
+                        "link_messages_up": 3.0, "link_bytes_up": 24.0, "link_messages_down": 4.0, "link_bytes_down": 28.0,
+                        "bandwidth_mbit_s": 100.0, "target_bytes_down": 16.0, "ahead_cycles": 12, "ahead_hits": 3,
+                        "ahead_hit_rate": 0.25}}
+                   for rtt, speedup in ((0, 1.3), (10, 1.1), (50, 0.7))],
+               "link_break_even": [{"method": "token", "k": 2, "break_even_rtt_ms": 20.0, "swept_rtt_ms": [10, 50],
+                                    "faster_at_rtt_ms": [10]}],
                "tree_sweep": [
                    {"tree_top_k": top_k, "tree_nodes": nodes, "own": top_k == 4, "method": "feature-tree", "k": 4,
                     "n_clips": 4, "speedup_median": 1.1, "speedup_ci95": [1.0, 1.2], "tau": 3.5, "alpha": 0.25,
@@ -112,9 +124,13 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     assert "another input: 25.0% of clips agree" in text["speculative"]
     assert "First stage: EventGPT kept 6\n  of 10 guesses (60.0%), 1.50 drafts per" in text["speculative"]
     for page in ("index", "speculative"):  # the event-window sweep, the own window marked
-        assert "| token | 2 | 10 | 4 | 0.90x | 0.80-1.00 | 1.50 | 50.0% (4 / 8) | 100.0% |" in text[page]
+        assert "| token | 2 | 10 | 4 | 0.90x | 0.80-1.00 | 1.40x (1.30-1.50, 2 clips) | 1.50 | 50.0% (4 / 8) | 100.0% |" \
+            in text[page]  # fmt: skip
+        assert "| token | 2 | 50 | 4 | 0.70x | 0.60-0.80 | - | 1.50 |" in text[page]  # edge-cloud, per round trip
+        assert "| token | 2 | 10 | 3.00 / 24 | 4.00 / 28 | 25.0% (3 / 12) |" in text[page]
+        assert "- token k=2: 20.0 ms" in text[page] and "(100 Mbit/s each way)" in text[page]
         assert "| token | 2 | 50 (own) | 4 | 1.20x |" in text[page]
-        assert "| feature-tree | 4 | 8 / 32 | 4 | 1.10x | 1.00-1.20 | 3.50 | 25.0% (10 / 40) | 100.0% |" in text[page]
+        assert "| feature-tree | 4 | 8 / 32 | 4 | 1.10x | 1.00-1.20 | - | 3.50 | 25.0% (10 / 40) | 100.0% |" in text[page]
         assert "| feature-tree | 4 | 4 / 16 (own) | 4 |" in text[page]
     assert "answers are 41 tokens long at the median (P10 12,\nP90 80; 170 in all): describe 52 (2 clips), shape 2" \
         in text["index"]  # fmt: skip

@@ -115,11 +115,13 @@ def summarize(spec_dir: Path, out_path: Path, manifest_path: Path | None = None,
     if window_dirs:
         own_ms = None if manifest is None else _event_window_ms(manifest_path)
         summary["event_window_sweep"] = sweep({(ms,): d for ms, d in window_dirs.items()}, ("window_ms",), (own_ms,),
-                                              summary["methods"])  # fmt: skip
+                                              summary["methods"], question_types)  # fmt: skip
     if tree_dirs:
-        summary["tree_sweep"] = sweep(tree_dirs, ("tree_top_k", "tree_nodes"), tree_shape, summary["methods"])
+        summary["tree_sweep"] = sweep(tree_dirs, ("tree_top_k", "tree_nodes"), tree_shape, summary["methods"],
+                                      question_types)  # fmt: skip
     if link_dirs:
-        summary["link_sweep"] = sweep({(rtt,): d for rtt, d in link_dirs.items()}, ("rtt_ms",), (0,), summary["methods"])
+        summary["link_sweep"] = sweep({(rtt,): d for rtt, d in link_dirs.items()}, ("rtt_ms",), (0,), summary["methods"],
+                                      question_types)  # fmt: skip
         summary["link_break_even"] = break_even(summary["link_sweep"])
     with atomic_output(out_path) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
@@ -178,14 +180,15 @@ def select_k(selection_dir: Path, split: str) -> dict:
 
 
 SWEEP_FIELDS = ("method", "k", "n_clips", "speedup_median", "speedup_ci95", "tau", "alpha", "accepted_drafts",
-                "drafted", "tokens_per_cycle", "exact_match_rate", "link")  # fmt: skip
+                "drafted", "tokens_per_cycle", "exact_match_rate", "link", "by_question_type")  # fmt: skip
 
 
-def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, own_entries: list[dict]) -> list[dict]:
+def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, own_entries: list[dict],
+          question_types: pd.Series | None = None) -> list[dict]:  # fmt: skip
     """A sweep of one setting (`labels` name its fields; `runs` maps each value to speculate's output there): per
-    value, method and k, the speedup over the target of the same run (median, interval), tau, alpha with its
-    counts and the greedy exact-match rate; then the main run's entries for those methods and k at its own value
-    `own` (marked `own`)."""
+    value, method and k, the speedup over the target of the same run (median, interval; per question type too,
+    given `question_types`), tau, alpha with its counts and the greedy exact-match rate; then the main run's
+    entries for those methods and k at its own value `own` (marked `own`)."""
     entries = []
     for value, directory in sorted(runs.items()):
         paths = sorted(path for path in directory.glob("*/shard-*.parquet") if path.parent.name != "lossless")
@@ -195,12 +198,15 @@ def sweep(runs: dict[tuple, Path], labels: tuple[str, ...], own: tuple | None, o
         ran = rows[rows["status"] == "ok"]
         target = ran[ran["method"] == "target"].set_index("sample_id")
         for (method, k), group in ran[ran["method"] != "target"].groupby(["method", "k"], sort=False):
-            joined = group.merge(target[["total_ms", "output_ids"]], left_on="sample_id", right_index=True,
-                                 suffixes=("", "_target"))  # fmt: skip
+            joined = group.merge(target[["total_ms", "output_ids", "new_tokens"]], left_on="sample_id",
+                                 right_index=True, suffixes=("", "_target")).set_index("sample_id")  # fmt: skip
             greedy = float(group["temperature"].iloc[0]) == 0.0
+            speedup = _speedup(joined)
             entry = {"method": method, "k": int(k), "n_clips": len(joined), "tau": _tau(group),
-                     **_median_and_interval("speedup", _speedup(joined)),
+                     **_median_and_interval("speedup", speedup),
                      "exact_match_rate": _exact_match_rate(joined) if greedy else None}  # fmt: skip
+            if question_types is not None:
+                entry["by_question_type"] = _by_question_type(joined, speedup, question_types)
             if group["drafted"].sum() > 0:
                 entry.update(_acceptance(group))
             if LINK_COUNTS[0] in group and group[LINK_COUNTS[0]].notna().any():
