@@ -50,6 +50,9 @@ def results(tmp_path):
                            {"method": "hf-assisted", "k": 4, "n_clips": 4, "status": "not run: ValueError: nope"},
                            _spec_entry("target-1frame", 0, 1.6, exact_match_rate=0.25),
                            _spec_entry("feature", 2, 2.0), _spec_entry("token", 2, 1.2), _spec_entry("token", 4, 1.3),
+                           _spec_entry("feature-tree", 4, 1.1, conditional_acceptance_by_position=[0.9, 0.8, 0.5, 0.5],
+                                       cycles=10, reached_by_position=[10, 9, 8, 4], accepted_by_position=[9, 8, 4, 2],
+                                       alpha=0.1, accepted_drafts=23, drafted=230, tokens_per_cycle=3.16),
                            _spec_entry("cascade", 4, 1.1, cascade={
                                "lookup_drafted": 10, "lookup_accepted": 6, "lookup_acceptance": 0.6,
                                "eventgpt_forwards": 8, "eventgpt_drafts": 12, "eventgpt_drafts_per_forward": 1.5})],
@@ -100,11 +103,13 @@ def results(tmp_path):
                   ("video_llava", 8, "prefill", 0, 67.08),
                   ("video_llava", 8, "decode_step", 0, 8.0), ("video_llava", 8, "verify", 4, 10.0),
                   ("video_llava", 8, "draft_head_token", 4, 1.0), ("video_llava", 8, "decode_floor", 0, 4.84),
-                  ("video_llava", 8, "tree_verify", 32, 12.0),
+                  ("video_llava", 8, "tree_verify", 32, 12.0), ("video_llava", 8, "draft_head_tree", 4, 0.6),
                   ("eventgpt", 5, "decode_step", 0, 7.9)]]  # fmt: skip
     for row in stages:  # the head's size, which bench-stages records beside its timing
         if row["stage"] == "draft_head_token":
             row.update(head_parameters=202_000_000, target_language_parameters=6_738_000_000, eagle_head_share_at_7b=0.04)
+        if row["stage"] == "draft_head_tree":  # the tree's shape, beside its timing
+            row.update(tree_top_k=8, tree_nodes=32)
     pd.DataFrame(stages).to_parquet(root / "bench" / "stages.parquet")
     return root
 
@@ -148,6 +153,10 @@ def test_every_page_shows_the_fixture_numbers_and_names_its_source(results, tmp_
     # per cycle of 4 x 1.0 ms (head) + 10.0 ms (verify) at 8.0 ms per step: c = 0.125, v = 1.25, 4.0 / 1.75 = 2.29
     # (the independent formula at alpha = 0.8125 would say 3.44 tokens)
     assert "| feature | 4 | 90.0%, 88.9%, 87.5%, 85.7% | 0.125 | 1.25 | 4.00 | 2.29x |" in text["speculative"]
+    # the head's tree: E = 1 + .9 + .72 + .36 + .18 = 3.16 per cycle of 4 levels x 0.6 ms + the verify of [last] + its
+    # 32 nodes, 12.0 ms: c = 0.075, v = 1.5, 3.16 / (0.3 + 1.5) = 1.76
+    assert "| feature-tree | 4 | 90.0%, 80.0%, 50.0%, 50.0% | 0.075 | 1.50 | 3.16 | 1.76x |" in text["speculative"]
+    assert "depth 4, the best 32 nodes proposed; one level costs\n0.600 ms" in text["stages"]
     assert "| linear | 0.984 | 0.900 / 0.990 / 0.999 | 98.0% | 80.8% | 33.0% | 708 |" in text["alignment"]
     assert "| identity | skipped: widths differ |" in text["alignment"]
     assert "| head | 107072 | 0.012 | 98.5% | 97.9% |" in text["alignment"]

@@ -372,8 +372,7 @@ def test_speculate_runs_every_method_losslessly_and_summarizes(tiny_pair_dir, ti
     for tree in (("token-tree", 3), ("feature-tree", 2), ("hybrid", 2)):
         assert "predicted_decode_speedup" in entries[tree] and entries[tree]["verify_ratio"] > 0, tree
     one_frame = frames["target-1frame"].set_index("sample_id")
-    assert (one_frame["status"] == "ok").all() and len(one_frame) == 3  # fewer video tokens, a faster first token:
-    assert (one_frame["ttft_ms"] < target["ttft_ms"]).mean() >= 2 / 3  # its answers may differ (agreement, not lossless)
+    assert (one_frame["status"] == "ok").all() and len(one_frame) == 3  # its answers may differ (agreement, not lossless)
     assert entries[("target-1frame", 0)]["exact_match_rate"] == one_frame["exact_match"].mean()
     hybrid = frames["hybrid"]
     assert set(entries[("hybrid", 2)]["accepted_by_source"]) == {"eventgpt", "head"}
@@ -403,7 +402,9 @@ def test_stage_timing_times_every_stage_and_tree_verifies_on_the_cpu(tiny_pair_d
     parts = ("draft", "target", "draft_tokenizer", "target_tokenizer")
     frame = bench_stages(BenchSettings(repeats=2, warmup=1, verify_lengths=[2], tree_sizes=[4, 9]),
                          {part: tiny_pair_dir / part for part in parts}, tmp_path / "stages.parquet")  # fmt: skip
-    assert {"vision", "prefill", "decode_step", "verify", "tree_verify", "draft_head_token"} <= set(frame["stage"])
+    assert {"vision", "prefill", "decode_step", "verify", "tree_verify", "draft_head_token",
+            "draft_head_tree"} <= set(frame["stage"])
+    assert frame.loc[frame["stage"] == "draft_head_tree", ["k", "tree_nodes"]].values.tolist() == [[4, 16]]
     assert sorted(frame[frame["stage"] == "tree_verify"]["k"]) == [4, 9]
     assert (frame["ms_median"] > 0).all()
 

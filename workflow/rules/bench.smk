@@ -15,7 +15,10 @@ rule bench_stages:
     output:
         f"{RESULTS}/bench/stages.parquet",
     params:
-        settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"], "compile": MODELS["compile"]}),
+        # the head's tree timed as feature-tree drafts it: its (deepest) depth and the run's tree shape
+        settings=as_json(BENCH | {"device": MODELS["device"], "dtype": MODELS["dtype"], "compile": MODELS["compile"],
+                                  "head_tree": [max(SPEC_CONFIG["draft_lengths"].get("feature-tree", [4])),
+                                                SPEC_CONFIG["tree_top_k"], SPEC_CONFIG["tree_nodes"]]}),
         pair=(" ".join(f"--{part.replace('_', '-')} {path}" for part, path in model_paths().items())
               if PAIR_SCALE else ""),
         head=lambda wildcards, input: f"--head {input.adapter}/head.safetensors" if PAIR_SCALE else "",

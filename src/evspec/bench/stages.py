@@ -6,7 +6,8 @@ serving runs them (`vision_served`: one CUDA graph per pixel shape on GPU), LLM 
 the whole prompt and one decode step on the language engine that serving runs
 (`evspec.engine.llama`), and the step's physical floor (language-model weights + the context's
 K/V over the copy bandwidth measured here); for the target, the verify of k + 1 tokens and
-one draft-head token (a proposal of k by the head engine, / k), and the verify of [last] + a tree of 16,
+one draft-head token (a proposal of k by the head engine, / k), one level of the head's draft tree (a proposal of
+`head_tree`'s depth x top-k tree, its best nodes chosen, / depth), and the verify of [last] + a tree of 16,
 32 and 64 drafts in one forward (`LlamaEngine.step_tree`; EAGLE-2 verifies trees of this size). Timed by `evspec.timing`
 after warm-up, medians of repeats; the host-to-device copy of the pixels is timed separately
 and disk reads are not timed at all. Because these are the stage API's and the engine's
@@ -59,6 +60,7 @@ class BenchSettings:
     text_tokens_7b: dict[str, int] = field(default_factory=lambda: {"eventgpt": 58, "video_llava": 19})
     verify_lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # k: the target verifies k + 1 tokens
     tree_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])  # drafts in a tree verified with its root
+    head_tree: list[int] = field(default_factory=lambda: [4, 4, 16])  # the head's tree timed: depth, top-k, nodes
     threads: int = 2
 
 
@@ -128,9 +130,10 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
     head = (head or DraftHead(eagle_head_config(stages.language_model.config, draft_size))).to(device, dtype).eval()
     n_events = 582 if settings.scale == "7b" else 70
     answered = 20  # the head drafts 20 tokens into the answer (its cost is flat in the answer's length)
-    head_engine = HeadEngine(head, stages.language_model.embed_tokens, stages.lm_head, n_events,
-                             answered + (settings.repeats + settings.warmup) * len(settings.verify_lengths) + 8,
-                             longest, Sampler(), compile=settings.compile)  # fmt: skip
+    depth, top_k, nodes = settings.head_tree
+    cycles = (settings.repeats + settings.warmup) * (len(settings.verify_lengths) + 1)  # each commits one token
+    head_engine = HeadEngine(head, stages.language_model.embed_tokens, stages.lm_head, n_events, answered + cycles + 8,
+                             max(longest, depth * top_k), Sampler(), compile=settings.compile)  # fmt: skip
     head_engine.load_events(torch.randn(n_events, draft_size, device=device, dtype=dtype))
     head_engine.start(int(token), prefill.hidden[0, -1])
     head_engine.commit(list(range(4, 4 + answered)), torch.randn(answered, hidden, device=device, dtype=dtype))
@@ -141,10 +144,17 @@ def _bench_drafting(stages: LanguageStages, tokenizer, n_images: int, draft_size
             head_engine.commit([int(token)], state)
 
         measured[("draft_head_token", k)] = [ms / k for ms in timer(cycle)]
+
+    def tree_cycle():  # a proposal of the head's tree (as feature-tree drafts it) and the commit of one token
+        head_engine.draft_tree(depth, top_k, nodes)
+        head_engine.commit([int(token)], state)
+
+    measured[("draft_head_tree", depth)] = [ms / depth for ms in timer(tree_cycle)]  # per level, as c is per token
     sizes = {"head_parameters": _parameters(head), "target_language_parameters": language_parameters(stages),
              "eagle_head_share_at_7b": head_share_at_7b()}  # the reference the report sets the ratio beside
+    extra = {"draft_head_token": sizes, "draft_head_tree": {"tree_top_k": top_k, "tree_nodes": nodes}}
     return [_row("video_llava", n_images, stage, times, length, visual.shape[0], settings, device, k=k,
-                 **(sizes if stage == "draft_head_token" else {}))
+                 **extra.get(stage, {}))
             for (stage, k), times in measured.items()]  # fmt: skip
 
 

@@ -104,7 +104,7 @@ def stages_section(results: Path, figures: Path) -> dict | None:
         return None
     stages = pd.read_parquet(path)
     order = ["vision", "projector", "prefill", "decode_step"]
-    per_model = stages[~stages["stage"].isin(["verify", "tree_verify", "draft_head_token"])]
+    per_model = stages[~stages["stage"].isin(["verify", "tree_verify", "draft_head_token", "draft_head_tree"])]
     table = per_model.pivot_table(index=["model", "images"], columns="stage", values="ms_median").reset_index()
     lengths = per_model.groupby(["model", "images"])["prefill_tokens"].first().reset_index()
     table = table.merge(lengths, on=["model", "images"])
@@ -143,7 +143,10 @@ def _drafting_costs(stages: pd.DataFrame, costs: dict) -> dict | None:
              "c": costs["head_token_ms"][k] / step if k in costs["head_token_ms"] else None}
             for k, verify_ms in sorted(costs["verify_ms"].items())]  # fmt: skip
     trees = [{"drafts": n, "verify_ms": ms, "v": ms / step} for n, ms in sorted(costs["tree_verify_ms"].items())]
+    head_tree = [{"depth": depth, "nodes": costs["head_tree_nodes"], "level_ms": ms, "c": ms / step}
+                 for depth, ms in sorted(costs["head_tree_level_ms"].items())]  # fmt: skip
     return {"target_step_ms": step, "head_parameters": int(sizes["head_parameters"]), "trees": trees,
+            "head_tree": head_tree,
             "target_language_parameters": int(sizes["target_language_parameters"]),
             "head_share": sizes["head_parameters"] / sizes["target_language_parameters"],
             "eagle_head_share_at_7b": float(sizes["eagle_head_share_at_7b"]), "by_k": by_k}  # fmt: skip
@@ -198,7 +201,14 @@ def _step_costs(stages: pd.DataFrame) -> dict:
 
     return {"target_step_ms": median("video_llava", "decode_step"), "eventgpt_step_ms": median("eventgpt", "decode_step"),
             "head_token_ms": per_k("draft_head_token"), "verify_ms": per_k("verify"),
-            "tree_verify_ms": per_k("tree_verify")}  # fmt: skip
+            "tree_verify_ms": per_k("tree_verify"), "head_tree_level_ms": per_k("draft_head_tree"),
+            "head_tree_nodes": _head_tree_nodes(stages)}  # fmt: skip
+
+
+def _head_tree_nodes(stages: pd.DataFrame) -> int | None:
+    """The node count of the head's tree that stage timing timed (its verify is the tree verify of that many)."""
+    rows = stages[stages["stage"] == "draft_head_tree"]
+    return int(rows["tree_nodes"].iloc[0]) if len(rows) and "tree_nodes" in rows else None
 
 
 def projection(summary: dict, stages: dict) -> list[dict]:
@@ -206,19 +216,25 @@ def projection(summary: dict, stages: dict) -> list[dict]:
 
     The cost model of `evspec.speculative.cost` with the measured conditional acceptance per draft
     position, c = draft token / target step and v = verify(k + 1 tokens) / target step from
-    the stage timings: E / (k c + v).
+    the stage timings: E / (k c + v). For `feature-tree` (k = the depth): c = one level of the head's tree and
+    v = the verify of [last] + the tree's nodes, both timed at the tree shape the run drafts.
     """
     costs = stages["costs"]
     step = costs["target_step_ms"]
     rows = []
     for entry in summary["methods"]:
-        k = entry["k"]
-        ms = costs["head_token_ms"].get(k) if entry["method"] == "feature" else (
-            costs["eventgpt_step_ms"] if entry["method"] in ("token", "prefill") else None)  # fmt: skip
+        k, method = entry["k"], entry["method"]
+        if method == "feature-tree":
+            ms = costs["head_tree_level_ms"].get(k)
+            verify_ms = costs["tree_verify_ms"].get(costs["head_tree_nodes"])
+        else:
+            ms = costs["head_token_ms"].get(k) if method == "feature" else (
+                costs["eventgpt_step_ms"] if method in ("token", "prefill") else None)  # fmt: skip
+            verify_ms = costs["verify_ms"].get(k)
         rates = entry.get("conditional_acceptance_by_position")
-        if rates is None or ms is None or step is None or k not in costs["verify_ms"]:
+        if rates is None or ms is None or step is None or verify_ms is None:
             continue
-        c, v = ms / step, costs["verify_ms"][k] / step
+        c, v = ms / step, verify_ms / step
         rows.append({"method": entry["method"], "k": k, "conditional": rates, "c": c, "verify_over_step": v,
                      "tokens_per_cycle": expected_tokens_per_cycle(rates),
                      "projected_speedup": predicted_decode_speedup(rates, c, v)})  # fmt: skip
