@@ -5,7 +5,8 @@
 Builds a 7B-shaped Vicuna (Video-LLaVA's language model: 32 layers, hidden 4096, lm_head
 32064 rows) with random bf16 weights (timing does not depend on weight values), and measures
 in one process, with warm-up (compilation, graph capture) excluded:
-- floor: (weights + the context's K/V) / device-to-device copy bandwidth measured here;
+- floor: (the weights a step reads + the context's K/V) / the copy bandwidth measured here (one definition,
+  `evspec.bench.stages.copy_bandwidth` and `step_weight_bytes`, shared with stage timing);
 - this engine's one-token step after a prompt of Video-LLaVA's length, per variant
   (`--variants`: the projections by the engine's kernel, `evspec.engine.matvec`, or by
   inductor's tuned reductions, or by cuBLAS, around layers torch.compile fuses or not, x the
@@ -39,22 +40,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evspec.adapter.modules import DraftHead, HeadConfig
-from evspec.bench.stages import tree_parents
+from evspec.bench.stages import copy_bandwidth, step_weight_bytes, tree_parents
 from evspec.engine.head import HeadEngine
 from evspec.engine.kernels import TUNED_INDUCTOR
 from evspec.engine.llama import LlamaEngine
 from evspec.models.configs import VICUNA_7B
 from evspec.speculative.sampling import Sampler
-from evspec.timing import median_ms
+from evspec.timing import measure_ms, median_ms
 
 CUDA = [torch.device("cuda")]
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 2 GiB device-to-device copy (read + write counted)."""
-    source = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    target = torch.empty_like(source)
-    return 2 * source.numel() * source.element_size() / (median_ms(lambda: target.copy_(source), CUDA, 10) / 1000)
 
 
 def engine_costs(model, prompt: torch.Tensor, capacity: int, ks: list[int], repeats: int, profile: bool = False,
@@ -239,11 +233,11 @@ def main() -> None:
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_weight_bytes(model.model, model.lm_head)
     prompt = torch.randint(3, 32000, (1, args.prompt), device="cuda")
     head_dim = config.hidden_size // config.num_attention_heads
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * args.prompt * 2
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(CUDA[0], lambda f: measure_ms(f, CUDA, 10))
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1000
     progress("floor", {"device": torch.cuda.get_device_name(), "floor_ms": floor_ms, "bandwidth_tb_s": bandwidth / 1e12})
 

@@ -212,17 +212,24 @@ def _prompt_ids(name: str, stages: LanguageStages, tokenizer, n_visual: int, set
 
 @torch.no_grad()
 def copy_bandwidth(device: torch.device, timer) -> float:
-    """Bytes per second of a 256 MiB copy on `device` (read + write counted): the floor's denominator."""
-    source = torch.empty(2**27, dtype=torch.float16, device=device)
+    """Bytes per second of a copy on `device` (read + write counted): the floor's denominator, here and in
+    benchmarks/decode.py. 2 GiB on a GPU (a smaller copy counts its launch as lost bandwidth), 256 MiB on a CPU."""
+    source = torch.empty((2**30 if device.type == "cuda" else 2**27), dtype=torch.float16, device=device)
     target = torch.empty_like(source)
     return 2 * source.numel() * source.element_size() / (statistics.median(timer(lambda: target.copy_(source))) / 1000)
 
 
+def step_weight_bytes(language_model: torch.nn.Module, lm_head: torch.nn.Linear) -> int:
+    """The weights one decode step reads: every layer, the final norm and lm_head; of the embedding table one row,
+    so it is left out."""
+    return sum(p.numel() * p.element_size() for name, p in language_model.named_parameters()
+               if not name.startswith("embed_tokens")) + lm_head.weight.numel() * lm_head.weight.element_size()  # fmt: skip
+
+
 def decode_floor_ms(stages: LanguageStages, context_tokens: int, bandwidth: float) -> float:
-    """One decode step's physical floor: the language model's weights + the context's K/V, read once."""
+    """One decode step's physical floor: the weights it reads + the context's K/V, read once."""
     config = stages.language_model.config
-    weights = sum(p.numel() * p.element_size() for p in stages.language_model.parameters())
-    weights += stages.lm_head.weight.numel() * stages.lm_head.weight.element_size()
+    weights = step_weight_bytes(stages.language_model, stages.lm_head)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_tokens * stages.lm_head.weight.element_size()
     return (weights + kv) / bandwidth * 1000
