@@ -94,3 +94,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole tiny DAG (test_pipeline's TINY_CONFIG) run once from clean, for every test that reads a finished
+    run: the rerun checks, and the local run that a second run from clean and the SLURM run must equal."""
+    from test_pipeline import TINY_CONFIG, snakemake
+
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    snakemake(workdir, config=TINY_CONFIG)
+    return workdir

@@ -173,8 +173,8 @@ def test_config_check_names_every_broken_rule_across_keys():
 
 
 @pytest.mark.slow
-def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tmp_path):
-    snakemake(tmp_path, config=TINY_CONFIG)
+def test_data_stage_runs_and_reruns_exactly_what_a_change_invalidates(tiny_run):
+    tmp_path = tiny_run
     manifest = pd.read_parquet(tmp_path / "results/tiny/data/manifest.parquet")
     assert len(manifest) == 15 and (tmp_path / "results/tiny/logs/build_tensors.log").is_file()
     summary = json.loads((tmp_path / "results/tiny/spec/summary.json").read_text())
@@ -247,14 +247,9 @@ def test_the_whole_dag_samples_on_checkpoints_in_the_real_layouts(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_from_clean_give_identical_results(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
-    second.mkdir()
-    config = {**TINY_CONFIG, "speculative": NO_LINK}
-    snakemake(first, config=config)
-    snakemake(second, config=config)
-    assert deterministic_digests(first / "results/tiny") == deterministic_digests(second / "results/tiny")
+def test_two_runs_from_clean_give_identical_results(tiny_run, tmp_path):
+    snakemake(tmp_path, config=TINY_CONFIG)
+    assert deterministic_digests(tiny_run / "results/tiny") == deterministic_digests(tmp_path / "results/tiny")
 
 
 def test_the_dependency_ranges_agree_in_pyproject_environment_and_the_rules_env():
