@@ -197,11 +197,11 @@ class Engines:
     def run(self, method: str, clip: Clip, k: int, max_new_tokens: int | None = None) -> Timed:
         """`method` answering `clip` from scratch (vision, prefill, decode), with its phases timed; over a link,
         with what crossed it in the drafter counts."""
-        if self.link is None:
-            return METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
-        self.link.reset()
+        if self.link is not None:
+            self.link.reset()
         timed = METHODS[method](self, clip, k, max_new_tokens or self.settings.max_new_tokens)
-        timed.decoded.drafter_counts = {**(timed.decoded.drafter_counts or {}), **self.link.counts}
+        if self.link is not None:
+            timed.decoded.drafter_counts = {**(timed.decoded.drafter_counts or {}), **self.link.counts}
         return timed
 
     # ---- the pieces methods are made of --------------------------------------------------------
