@@ -169,6 +169,33 @@ def test_speculate_runs_every_method_on_cuda(tiny_pair_dir, tiny_data, tmp_path,
     assert summary["device"].startswith("NVIDIA")
 
 
+@pytest.mark.parametrize("temperature, draft_device", [
+    (0.0, None), pytest.param(0.0, "cuda:1", marks=SECOND_GPU), pytest.param(0.9, "cuda:1", marks=SECOND_GPU)])
+def test_edge_cloud_runs_over_a_link_on_cuda(tiny_pair_dir, tiny_data, tmp_path, temperature, draft_device):
+    """`token` and `feature` over a 2 ms link, the edge on the target's GPU or on its own: fp32 greedy answers are
+    the target's, `token` waits one round trip per cycle and drafts ahead in every one, `feature` sends its event
+    tokens up once; sampling runs (its law is the CPU tests')."""
+    from evspec.adapter.modules import DraftHead, HeadConfig
+    from evspec.models.toy import load_pair
+    from evspec.speculative.run import SpecSettings, speculate
+
+    pair = load_pair(tiny_pair_dir / "draft", tiny_pair_dir / "target", tiny_pair_dir / "draft_tokenizer",
+                     tiny_pair_dir / "target_tokenizer", device="cuda", draft_device=draft_device)  # fmt: skip
+    torch.manual_seed(0)
+    head = DraftHead(HeadConfig(hidden_size=32, event_size=32, n_heads=2, intermediate_size=32, adapter_hidden_size=16))
+    settings = SpecSettings(max_new_tokens=8, max_clips=3, split="train", device="cuda", draft_device=draft_device,
+                            compile=False, temperature=temperature, lossless_draws=0, methods=("target", "token", "feature"),
+                            draft_lengths={"token": [3], "feature": [2]}, link_rtt_ms=2.0)  # fmt: skip
+    frames = speculate(pair, head.to("cuda"), tiny_data, settings, 0, 1, tmp_path)
+    token, feature = frames["token"], frames["feature"]
+    assert (token["status"] == "ok").all() and (feature["status"] == "ok").all()
+    if not temperature:
+        assert token["exact_match"].all() and feature["exact_match"].all()
+    cycles = token["target_forwards"] - 1
+    assert (token["link_messages_up"] == cycles).all() and (token["ahead_cycles"] == cycles).all()
+    assert (token["total_ms"] >= (cycles + 0.5) * 2.0).all() and (feature["link_messages_up"] == 1).all()
+
+
 def test_stage_timing_runs_on_cuda(tiny_pair_dir, tmp_path):
     from evspec.bench.stages import BenchSettings, bench_stages
 
