@@ -182,12 +182,16 @@ def test_head_tree_drafts_are_lossless(seed):
             assert result.drafted > 0 and len(result.drafted_per_position) == depth
 
 
-def _fresh_chain(draft, prompt: list[int], vocab: int, seed: int, committed: list[int], k: int) -> list[int]:
-    """EventGPT's greedy chain of k after the prompt and `committed`, from a fresh prefill (no cache carried over)."""
-    fresh, out, _, _ = _prefilled(draft, 5, prompt + shared(vocab).readable(committed), 400, seed)
+def _fresh_chain(stages, prompt: list[int], vocab: int, seed: int, committed: list[int], k: int, n_images: int = 5,
+                 rows: int | None = None) -> list[int]:
+    """The greedy chain of k over the shared ids (< vocab) that `stages` (EventGPT by default; a copy of the target
+    with `n_images` 8 and its `rows` of logits) drafts after the prompt and `committed`, read as a drafter reads it
+    (ids it does not share are <unk>), from a fresh prefill (no cache carried over)."""
+    readable = shared(rows or vocab, vocab).readable(committed)
+    fresh, out, _, _ = _prefilled(stages, n_images, prompt + readable, 400, seed)
     chain = []
     for _ in range(k):
-        chain.append(int(out.logits[0, -1].argmax()))
+        chain.append(int(out.logits[0, -1, :vocab].argmax()))
         out = fresh.step(torch.tensor([[chain[-1]]]))
     return chain
 
@@ -449,17 +453,6 @@ def _noisy_copy(target: VideoLlavaStages, noise: float, seed: int) -> VideoLlava
     return copied
 
 
-def _fresh_target_chain(target, prompt: list[int], vocab: int, seed: int, committed: list[int], k: int) -> list[int]:
-    """The (copied) target's greedy chain of k over the shared ids (< vocab) after the prompt and `committed` (as a
-    drafter reads it: ids it does not share are <unk>), from a fresh prefill."""
-    fresh, out, _, _ = _prefilled(target, 8, prompt + shared(vocab + 2, vocab).readable(committed), 400, seed)
-    chain = []
-    for _ in range(k):
-        chain.append(int(out.logits[0, -1, :vocab].argmax()))
-        out = fresh.step(torch.tensor([[chain[-1]]]))
-    return chain
-
-
 def test_over_a_link_eventgpt_drafts_ahead_its_own_chain_and_the_answer_is_the_targets():
     """`token` over an edge-cloud link: at every proposal the drafts sent up are the drafting engine's greedy chain
     from a fresh prefill (drafted in the cycle, or ahead while the last verify was away), the answer is the
@@ -472,8 +465,8 @@ def test_over_a_link_eventgpt_drafts_ahead_its_own_chain_and_the_answer_is_the_t
         target, draft, prompt, engine, prefill, ids, reference = _target_and_reference(vocab, seed)
         copied = _noisy_copy(target, 0.3, seed)
         drafters = {"eventgpt": (draft, 5, functools.partial(_fresh_chain, draft, prompt, vocab, seed), vocab),
-                    "target copy": (copied, 8, functools.partial(_fresh_target_chain, copied, prompt, vocab, seed),
-                                    vocab + 2)}  # fmt: skip
+                    "target copy": (copied, 8, functools.partial(_fresh_chain, copied, prompt, vocab, seed, n_images=8,
+                                                                 rows=vocab + 2), vocab + 2)}  # fmt: skip
         for name, (stages, n_images, fresh_chain, rows) in drafters.items():
             for k in (1, 3):
                 engine.rewind(ids.shape[1])
